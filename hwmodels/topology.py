@@ -1,0 +1,99 @@
+"""The interconnect of a System as a directed networkx graph, and all-to-all routing over it.
+
+Nodes: ``dev{i}`` for each device, ``switch{n}`` for node n's scale-up switch (NVSwitch or
+the RDU peer network), ``net`` for the scale-out fabric, ``host{n}`` for node n's host.
+Every edge is one direction of a link and carries ``kind``, ``bandwidth_bytes_per_s`` and
+``latency_s``. Traffic between two devices of one node goes ``dev -> switch -> dev``;
+between nodes ``dev -> net -> dev`` (GPUDirect RDMA through each device's own NIC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+
+from hwmodels.specs import System
+
+
+def build_graph(system: System) -> nx.DiGraph:
+    g = nx.DiGraph(name=system.name)
+    for n in range(system.num_nodes):
+        g.add_node(f"switch{n}", role="switch")
+        g.add_node(f"host{n}", role="host")
+    if system.num_nodes > 1:
+        g.add_node("net", role="network")
+    for d in range(system.num_devices):
+        n = system.node_of(d)
+        dev = f"dev{d}"
+        g.add_node(dev, role="device", node=n)
+        for a, b in ((dev, f"switch{n}"), (f"switch{n}", dev)):
+            g.add_edge(a, b, kind=system.scale_up.kind, bandwidth_bytes_per_s=system.scale_up.bandwidth_bytes_per_s,
+                       latency_s=system.scale_up.latency_s)
+        for a, b in ((dev, f"host{n}"), (f"host{n}", dev)):
+            g.add_edge(a, b, kind=system.host_link.kind, bandwidth_bytes_per_s=system.host_link.bandwidth_bytes_per_s,
+                       latency_s=system.host_link.latency_s)
+        if system.num_nodes > 1:
+            so = system.scale_out
+            for a, b in ((dev, "net"), ("net", dev)):
+                g.add_edge(a, b, kind=so.kind, bandwidth_bytes_per_s=so.bandwidth_bytes_per_s, latency_s=so.latency_s)
+    return g
+
+
+@dataclass(frozen=True)
+class AllToAllRouting:
+    """Precomputed routes of every (src, dst) device pair over the graph's edges.
+
+    ``incidence[e, src * D + dst]`` is 1 when the route from src to dst uses edge e.
+    ``edge_names[e]`` is ``"a->b"``; ``pair_latency_s[src, dst]`` sums edge latencies on the route
+    (0 on the diagonal). Device-local traffic (src == dst) uses no edge.
+    """
+
+    edge_names: tuple[str, ...]
+    edge_kinds: tuple[str, ...]
+    edge_bandwidth_bytes_per_s: np.ndarray  # [E]
+    incidence: np.ndarray  # [E, D*D] float
+    pair_latency_s: np.ndarray  # [D, D]
+
+    def edge_bytes(self, pair_bytes: np.ndarray) -> np.ndarray:
+        """Bytes on each edge for a [D, D] matrix of bytes sent from src (row) to dst (column)."""
+        return self.incidence @ pair_bytes.ravel()
+
+    def duration_s(self, pair_bytes: np.ndarray) -> float:
+        """Bottleneck-link time of one all-to-all: max over edges of bytes / bandwidth, plus the largest
+        route latency among the pairs that exchange bytes. Zero when nothing crosses a link."""
+        off_diag = pair_bytes.copy()
+        np.fill_diagonal(off_diag, 0)
+        if not off_diag.any():
+            return 0.0
+        busy_s = self.edge_bytes(off_diag) / self.edge_bandwidth_bytes_per_s
+        return float(busy_s.max() + self.pair_latency_s[off_diag > 0].max())
+
+
+def all_to_all_routing(system: System, graph: nx.DiGraph | None = None) -> AllToAllRouting:
+    graph = graph if graph is not None else build_graph(system)
+    edges = [(a, b) for a, b, k in graph.edges(data="kind") if not (a.startswith("host") or b.startswith("host"))]
+    index = {e: i for i, e in enumerate(edges)}
+    d_count = system.num_devices
+    incidence = np.zeros((len(edges), d_count * d_count))
+    latency = np.zeros((d_count, d_count))
+    for src in range(d_count):
+        for dst in range(d_count):
+            if src == dst:
+                continue
+            if system.node_of(src) == system.node_of(dst):
+                path = [f"dev{src}", f"switch{system.node_of(src)}", f"dev{dst}"]
+            else:
+                path = [f"dev{src}", "net", f"dev{dst}"]
+            for a, b in zip(path, path[1:]):
+                incidence[index[(a, b)], src * d_count + dst] = 1.0
+            # one start-up latency per hop class: the route's slowest hop
+            latency[src, dst] = max(graph.edges[a, b]["latency_s"] for a, b in zip(path, path[1:]))
+    return AllToAllRouting(
+        edge_names=tuple(f"{a}->{b}" for a, b in edges),
+        edge_kinds=tuple(graph.edges[e]["kind"] for e in edges),
+        edge_bandwidth_bytes_per_s=np.array([graph.edges[e]["bandwidth_bytes_per_s"] for e in edges]),
+        incidence=incidence,
+        pair_latency_s=latency,
+    )
