@@ -1,10 +1,23 @@
-"""moesim: a hardware simulator and co-design toolkit for Mixture-of-Experts models."""
+"""moesim: a hardware simulator and co-design toolkit for Mixture-of-Experts models.
 
-from moesim.placement import Placement, contiguous
-from moesim.sim import Result, SimOptions, simulate
+Top-level names are imported lazily so that ``import moesim.units`` (used by the spec loader)
+does not pull in the simulator.
+"""
 
-__all__ = ["Placement", "Result", "SimOptions", "contiguous", "simulate", "capture"]
 __version__ = "0.1.0"
+__all__ = ["Placement", "Result", "SimOptions", "contiguous", "simulate", "capture"]
+
+
+def __getattr__(name):
+    if name in ("Placement", "contiguous"):
+        from moesim import placement
+
+        return getattr(placement, name)
+    if name in ("Result", "SimOptions", "simulate"):
+        from moesim import sim
+
+        return getattr(sim, name)
+    raise AttributeError(f"module 'moesim' has no attribute {name!r}")
 
 
 def capture(*args, **kwargs):

@@ -1,0 +1,147 @@
+"""The simulator against closed forms, conservation laws and an exact event log."""
+
+import numpy as np
+import pytest
+
+from hwmodels.cost import OpCost, RooflineCost
+from hwmodels.specs import load_system
+from moesim.placement import Placement, contiguous
+from moesim.sim import SimOptions, SimulationError, simulate
+from tests.conftest import make_model, make_system
+from workloads.catalog import get_model
+from workloads.importers import load_trace
+from workloads.trace import TraceMeta, from_dense
+
+
+def test_one_gpu_one_expert_equals_roofline_by_hand():
+    peak, bw, launch = 1e12, 1e11, 1e-6
+    system = make_system(1, peak_flops_per_s=peak, hbm_bytes_per_s=bw, launch_s=launch)
+    t_count, h, f = 1000, 64, 128
+    model = make_model(num_experts=1, top_k=1, hidden=h, ffn=f)
+    trace = from_dense(np.zeros((t_count, 1, 1), dtype=int), None,
+                       TraceMeta(model="toy", num_experts=1, top_k=1, num_layers=1, source="test"))
+    result = simulate(system, model, contiguous(1, 1, 1), trace)
+    b = 2  # bf16 bytes
+    # router: GEMM [T,h]x[h,1] + softmax/top-k over fp32 logits (read + write), two launches
+    router_s = (launch + max(2 * t_count * h * 1 / peak, (t_count * h + h * 1 + t_count * 1) * b / bw)
+                + launch + 2 * t_count * 1 * 4 / bw)
+    # expert: gate+up [T,h]x[h,2f] and down [T,f]x[f,h], two launches
+    up_s = max(2 * t_count * h * 2 * f / peak, (t_count * h + h * 2 * f + t_count * 2 * f) * b / bw)
+    down_s = max(2 * t_count * f * h / peak, (t_count * f + f * h + t_count * h) * b / bw)
+    expert_s = 2 * launch + up_s + down_s
+    assert result.total_time_s == pytest.approx(router_s + expert_s, rel=1e-12)
+    assert result.total_time_s == pytest.approx(3.38128e-6 + 5.1152e-5, rel=1e-9)  # the same numbers, evaluated
+    assert result.link_bytes["bytes"].sum() == 0
+
+
+class PerTokenCost:
+    """A cost model with hand-checkable times: router 1 us/token; experts 2 us/token + 1 us per active expert."""
+
+    name = "per-token"
+
+    def gemm(self, device, m, n, k, dtype):
+        return OpCost(m * 1e-6, 0.0, 0.0)
+
+    def router(self, device, tokens, hidden_size, num_experts, dtype):
+        return OpCost(tokens * 1e-6, 0.0, 0.0)
+
+    def expert_ffn(self, device, tokens_per_expert, hidden_size, intermediate_size, dtype):
+        n = np.asarray(tokens_per_expert)
+        return OpCost(float((2e-6 * n + 1e-6 * (n > 0)).sum()), 0.0, 0.0)
+
+
+def test_exact_event_log_of_a_two_gpu_case():
+    # 4 tokens: tokens 0,1 start on dev0 and 2,3 on dev1; expert e lives on dev e.
+    system = make_system(2, link_bytes_per_s=1e9, link_latency_s=0.5e-6)
+    model = make_model(num_experts=2, top_k=1, hidden=500, ffn=8)  # 500 x 2 bytes = 1000 bytes per token
+    ids = np.array([1, 0, 1, 1]).reshape(4, 1, 1)
+    trace = from_dense(ids, None, TraceMeta(model="toy", num_experts=2, top_k=1, num_layers=1, source="test"))
+    result = simulate(system, model, contiguous(1, 2, 2), trace, cost=PerTokenCost())
+    log = sorted((r.op, r.device, round(r.start_at_s * 1e6, 9), round(r.end_at_s * 1e6, 9))
+                 for r in result.ops.itertuples())
+    # dispatch: 1 token dev0->dev1 = 1000 B at 1 GB/s = 1 us + 0.5 us latency; combine the reverse
+    expected = sorted([
+        ("router", 0, 0.0, 2.0), ("router", 1, 0.0, 2.0),
+        ("dispatch", 0, 2.0, 3.5), ("dispatch", 1, 2.0, 3.5),
+        ("expert_ffn", 0, 3.5, 6.5),   # 1 token of expert 0: 2 + 1 us
+        ("expert_ffn", 1, 3.5, 10.5),  # 3 tokens of expert 1: 6 + 1 us
+        ("combine", 0, 10.5, 12.0), ("combine", 1, 10.5, 12.0),
+    ])
+    assert log == expected
+    assert result.total_time_s == pytest.approx(12e-6)
+    assert result.device_tokens.tolist() == [[1, 3]]
+    sent = result.ops[result.ops.op == "dispatch"].set_index("device")["bytes"].to_dict()
+    assert sent == {0: 1000.0, 1: 0.0}
+
+
+def test_conservation_and_link_bytes_on_the_real_trace():
+    system = load_system("dgx-h100")
+    model = get_model("flame-moe-290m")
+    trace = load_trace("default")
+    result = simulate(system, model, contiguous(8, 64, 8), trace, options=SimOptions(micro_batches=3))
+    tok = result.tokens
+    assert (tok["dispatched"] == tok["trace_rows"]).all()
+    assert (tok["computed"] == tok["trace_rows"]).all()
+    assert (tok["combined"] == tok["trace_rows"]).all()
+    assert result.device_tokens.sum() == len(trace)
+    # bytes the trace implies: a choice crosses a link when its expert's device differs from the token's device
+    src = trace.columns["token"] * 8 // 2048
+    dst = trace.columns["expert"] // 8
+    crossing = int((src != dst).sum())
+    per_token_bytes = model.hidden_size * 2
+    lb = result.link_bytes
+    tx = lb[lb.link.str.startswith("dev")]["bytes"].sum()
+    rx = lb[lb.link.str.startswith("switch")]["bytes"].sum()
+    assert tx == pytest.approx(2 * crossing * per_token_bytes)  # dispatch + combine
+    assert rx == pytest.approx(tx)
+    sent = result.ops[result.ops.op == "dispatch"]["bytes"].sum()
+    assert sent == pytest.approx(crossing * per_token_bytes)
+
+
+def test_cross_node_traffic_uses_the_scale_out_network():
+    system = load_system("dgx-h100").with_nodes(2)
+    model = get_model("flame-moe-290m")
+    trace = load_trace("default")
+    result = simulate(system, model, contiguous(8, 64, 16), trace)
+    by_kind = result.link_bytes.groupby("kind")["bytes"].sum()
+    src = trace.columns["token"] * 16 // 2048
+    dst = trace.columns["expert"] // 4
+    cross_node = int(((src // 8) != (dst // 8)).sum())
+    assert by_kind["infiniband"] == pytest.approx(2 * 2 * cross_node * model.hidden_size * 2)  # 2 hops x 2 passes
+
+
+def test_simulated_time_at_least_the_roofline_bound():
+    system = load_system("dgx-h100")
+    model = get_model("flame-moe-290m")
+    trace = load_trace("default")
+    result = simulate(system, model, contiguous(8, 64, 8), trace, options=SimOptions(micro_batches=2))
+    ffn = result.ops[result.ops.op == "expert_ffn"]
+    per_device_flops = ffn.groupby("device")["flops"].sum().max()
+    assert result.total_time_s >= per_device_flops / system.device.peak("bf16")
+    # micro-batch overlap never makes the step slower than running them back to back
+    serial = simulate(system, model, contiguous(8, 64, 8), trace,
+                      options=SimOptions(micro_batches=2, overlap_micro_batches=False))
+    assert result.total_time_s <= serial.total_time_s + 1e-15
+
+
+def test_replicas_split_a_hot_expert():
+    system = make_system(2)
+    model = make_model(num_experts=2, top_k=1, hidden=64, ffn=64)
+    ids = np.zeros((8, 1, 1), dtype=int)  # every token picks expert 0
+    trace = from_dense(ids, None, TraceMeta(model="toy", num_experts=2, top_k=1, num_layers=1, source="test"))
+    one = simulate(system, model, contiguous(1, 2, 2), trace)
+    assert one.device_tokens.tolist() == [[8, 0]]
+    replicated = Placement.from_slot_to_expert(np.array([[0, 1, 0, -1]]), 2, slots_per_device=2)
+    two = simulate(system, model, replicated, trace)
+    assert two.device_tokens.tolist() == [[4, 4]]  # local-first: each device serves its own tokens
+    assert two.link_bytes["bytes"].sum() == 0
+
+
+def test_model_and_trace_disagreeing_is_a_clear_error():
+    trace = load_trace("default")
+    with pytest.raises(SimulationError, match="64 experts .* 'mixtral-8x7b' has 8"):
+        simulate(load_system("dgx-h100"), get_model("mixtral-8x7b"), contiguous(8, 64, 8), trace)
+    with pytest.raises(ValueError, match="spans 4 devices, the system has 8"):
+        simulate(load_system("dgx-h100"), get_model("flame-moe-290m"), contiguous(8, 64, 4), trace)
+    with pytest.raises(SimulationError, match="micro_batches"):
+        SimOptions(micro_batches=0)
