@@ -113,4 +113,6 @@ class RooflineCost:
         return OpCost(t, g.flops, g.bytes + sm_bytes)
 
 
-COST_MODELS = {"roofline": RooflineCost}
+from hwmodels.calib_entry import CalibratedEntry  # noqa: E402  (lazy: avoids an import cycle)
+
+COST_MODELS = {"roofline": RooflineCost, "calibrated": CalibratedEntry}

@@ -15,13 +15,14 @@ def register(sub) -> None:
 def build_sections(run) -> list:
     from moesim.report import run_report as rr
     from moesim.report.html import table_html
+    from moesim.units import format_quantity
 
     s = run.summary
     imb = s["imbalance_max_over_mean"]
     rows = [{"layer": i, "time_us": t * 1e6, "compute_us": c * 1e6, "comm_us": m * 1e6, "imbalance": b}
             for i, (t, c, m, b) in enumerate(zip(s["layer_time_s"], s["layer_compute_s"], s["layer_comm_s"], imb))]
     links = run.link_bytes.groupby("kind")["bytes"].sum()
-    link_rows = [{"link kind": k, "bytes": float(v)} for k, v in links.items()]
+    link_rows = [{"link kind": k, "bytes": float(v), "amount": format_quantity(float(v), "bytes")} for k, v in links.items()]
     sections = [
         ("Summary", "<p>" + (f"{s['model']} on {s['system']} ({s['num_devices']} x {s['device']}), "
                              f"{s['num_tokens']} tokens x {s['num_layers']} MoE layers, cost model {s['cost_model']}, "

@@ -25,6 +25,10 @@ class PlacementProblem:
     num_replicas: redundant slots in total (placed experts = experts + num_replicas).
     cross_gpu_cost / cross_node_cost: cost of one token crossing GPUs inside a node / across nodes
         (relative units: the inverse link bandwidths, NVLink crossing = 1).
+    scenarios [S, layers, experts] int64 or None: bootstrap resamples of the fitting trace (whole
+        sequences drawn with replacement, same size as the fit); the balance model minimises the
+        average over the nominal load and these scenarios of the max GPU load (sample-average
+        approximation of the expected max load on unseen traffic).
     """
 
     load: np.ndarray
@@ -35,6 +39,7 @@ class PlacementProblem:
     num_replicas: int = 0
     cross_gpu_cost: float = 1.0
     cross_node_cost: float = 1.0
+    scenarios: np.ndarray | None = None
 
     def __post_init__(self):
         validate_shape(self.load.shape[1], self.num_devices, self.slots_per_device, self.num_replicas)
@@ -42,6 +47,8 @@ class PlacementProblem:
             raise PlacementError(f"{self.num_devices} GPUs do not divide into nodes of {self.devices_per_node}")
         if self.affinity is not None and self.affinity.shape != (self.num_layers - 1, self.num_experts, self.num_experts):
             raise PlacementError(f"affinity must be [layers-1, experts, experts], got {self.affinity.shape}")
+        if self.scenarios is not None and self.scenarios.shape[1:] != self.load.shape:
+            raise PlacementError(f"scenarios must be [S, layers, experts], got {self.scenarios.shape}")
 
     @property
     def num_layers(self) -> int:
@@ -121,11 +128,13 @@ def affinity_from_choices(layer: np.ndarray, token: np.ndarray, expert: np.ndarr
 def problem_from_trace(trace, num_devices: int, devices_per_node: int, *, num_replicas: int = 0,
                        slots_per_device: int | None = None, num_experts: int | None = None,
                        cross_gpu_cost: float = 1.0, cross_node_cost: float = 1.0,
-                       with_affinity: bool = True) -> PlacementProblem:
+                       with_affinity: bool = True, num_scenarios: int = 0,
+                       rng: np.random.Generator | None = None) -> PlacementProblem:
     """Problem statistics from a :class:`workloads.trace.Trace` (the fitting part).
 
     ``num_experts`` (e.g. the model's) must agree with the trace's; ``slots_per_device`` defaults
-    to the minimum that holds experts + replicas.
+    to the minimum that holds experts + replicas. ``num_scenarios`` > 0 adds bootstrap scenarios
+    (see :func:`bootstrap_scenarios`; needs ``rng``).
     """
     m = trace.meta
     if num_experts is not None and num_experts != m.num_experts:
@@ -140,9 +149,32 @@ def problem_from_trace(trace, num_devices: int, devices_per_node: int, *, num_re
         c = trace.columns
         tok = c["step"].astype(np.int64) * (int(c["token"].max()) + 1) + c["token"]
         affinity = affinity_from_choices(c["layer"], tok, c["expert"], m.num_layers, m.num_experts)
-    return PlacementProblem(load=trace.expert_load(), affinity=affinity, num_devices=num_devices,
+    scenarios = None
+    if num_scenarios > 0:
+        scenarios = bootstrap_scenarios(trace, num_scenarios, rng if rng is not None else np.random.default_rng(0))
+    return PlacementProblem(load=trace.expert_load(), affinity=affinity, scenarios=scenarios, num_devices=num_devices,
                             devices_per_node=devices_per_node, slots_per_device=slots_per_device,
                             num_replicas=num_replicas, cross_gpu_cost=cross_gpu_cost, cross_node_cost=cross_node_cost)
+
+
+def bootstrap_scenarios(trace, num_scenarios: int, rng: np.random.Generator, block_tokens: int = 64) -> np.ndarray:
+    """[S, layers, experts] expert loads of ``num_scenarios`` bootstrap resamples of ``trace``.
+
+    The resampled unit is a sequence (the ``sequence`` column when present, else blocks of
+    ``block_tokens`` consecutive tokens of a step), because tokens of one sequence pick correlated
+    experts; each resample draws as many units as the trace has, with replacement."""
+    c, m = trace.columns, trace.meta
+    if "sequence" in c:
+        unit_key = c["step"].astype(np.int64) * (int(c["sequence"].max()) + 1) + c["sequence"]
+    else:
+        unit_key = c["step"].astype(np.int64) * (int(c["token"].max()) // block_tokens + 1) + c["token"] // block_tokens
+    _, unit = np.unique(unit_key, return_inverse=True)
+    n_units = int(unit.max()) + 1
+    per = np.zeros((n_units, m.num_layers * m.num_experts), dtype=np.int64)
+    np.add.at(per, (unit, c["layer"].astype(np.int64) * m.num_experts + c["expert"]), 1)
+    draws = rng.integers(0, n_units, size=(num_scenarios, n_units))
+    counts = np.stack([np.bincount(d, minlength=n_units) for d in draws])  # [S, units]
+    return (counts @ per).reshape(num_scenarios, m.num_layers, m.num_experts)
 
 
 def link_costs(system) -> tuple[float, float]:

@@ -1,0 +1,136 @@
+"""``moesim calibrate`` (time the MoE operators on this machine into a profile) and ``moesim validate``
+(held-out error of the calibrated cost model, and published kernel figures as checks)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("calibrate", help="micro-benchmark the MoE operators on this machine into a profile",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", required=True, help="profile to write (profiles/<name>.parquet); a device and a "
+                   "single-device system spec fitted from it are written beside it (<name>.device.toml, "
+                   "<name>.system.toml)")
+    p.add_argument("--grid", default="default", help="shape grid: tiny | small | default | full")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--repeats", type=int, default=15, help="timed samples per shape (median kept)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--triton", action="store_true", help="on cuda, time with triton.testing.do_bench if installed")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_calibrate)
+
+    v = sub.add_parser("validate", help="held-out error of the calibrated cost model; --published checks",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("profile", nargs="?", default=None, help="a profile written by 'moesim calibrate'")
+    v.add_argument("--holdout", type=float, default=0.3, help="fraction of each op's shapes held out")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--published", action="store_true", help="also check the spec roofline against published "
+                   "DeepGEMM / DeepEP figures (hwmodels/published/kernels.toml)")
+    v.add_argument("--out", default=None, help="output directory (default: <profile>-validation or validation)")
+    v.set_defaults(func=run_validate)
+
+
+def write_fitted_specs(cost, profile_path: Path, kind: str) -> tuple[Path, Path]:
+    """``<stem>.device.toml`` and ``<stem>.system.toml`` beside the profile: a one-device system whose
+    peak, bandwidth and launch latency are the fitted ones (every number says so in its source)."""
+    dev = cost.fitted_device(kind)
+    tier = dev.main_memory
+    stem = profile_path.with_suffix("")
+    src = f"fitted by moesim calibrate from {profile_path.name}"
+    dtype = next(iter(dev.peak_flops_per_s))
+    name = dev.name.replace('"', "'")
+    device_text = (
+        f"# Written by 'moesim calibrate': numbers fitted from {profile_path.name} on this machine.\n[device]\n"
+        f'name = "{name}"\nkind = "{kind}"\n'
+        f'peak_{dtype}_flops_per_s = {{ value = {dev.peak(dtype)!r}, source = "{src} (gemm roofline fit)" }}\n'
+        f'launch_latency_s = {{ value = {dev.launch_latency_s!r}, source = "{src} (gemm roofline fit)" }}\n\n'
+        f'[[device.memory]]\nname = "main"\n'
+        f'capacity_bytes = {{ value = "1 TiB", source = "placeholder, not measured" }}\n'
+        f'bandwidth_bytes_per_s = {{ value = {tier.bandwidth_bytes_per_s!r}, source = "{src} (copy bandwidth)" }}\n'
+        f'latency_s = {{ value = 0, source = "placeholder, folded into launch latency" }}\n')
+    link = ('kind = "{k}"\nbandwidth_bytes_per_s = {{ value = {bw!r}, source = "{s}" }}\n'
+            'latency_s = {{ value = 0, source = "placeholder: one device, nothing crosses it" }}\n')
+    system_text = (
+        f"# Written by 'moesim calibrate': one device fitted from {profile_path.name}.\n[system]\n"
+        f'name = "{stem.name}"\ndevice = "{stem.name}.device.toml"\nnum_nodes = 1\ndevices_per_node = 1\n\n'
+        "[system.scale_up]\n" + link.format(k="local", bw=tier.bandwidth_bytes_per_s, s=src + " (copy bandwidth)")
+        + "\n[system.host_link]\n" + link.format(k="local", bw=tier.bandwidth_bytes_per_s, s=src + " (copy bandwidth)")
+        + "\n[system.host_memory]\nname = \"host\"\n"
+        'capacity_bytes = { value = "1 TiB", source = "placeholder, not measured" }\n'
+        f'bandwidth_bytes_per_s = {{ value = {tier.bandwidth_bytes_per_s!r}, source = "{src} (copy bandwidth)" }}\n'
+        'latency_s = { value = 0, source = "placeholder" }\n')
+    dpath, spath = Path(f"{stem}.device.toml"), Path(f"{stem}.system.toml")
+    dpath.write_text(device_text)
+    spath.write_text(system_text)
+    return dpath, spath
+
+
+def run_calibrate(args) -> int:
+    from hwmodels.calib_profile import read_profile, write_profile
+    from hwmodels.calibrated import CalibratedCost
+    from moesim.calibrate.bench import run_suite
+    from moesim.calibrate.grids import make_grid
+    from moesim.cli._common import progress_bar
+    from moesim.units import format_quantity
+
+    out = Path(args.out)
+    if out.suffix != ".parquet":
+        raise ValueError(f"--out {out}: a profile is a .parquet file (e.g. profiles/cpu.parquet)")
+    dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    specs = make_grid(args.grid, on_gpu=args.device == "cuda")
+    with progress_bar(f"calibrating {args.device}", total=len(specs), unit="shape") as update:
+        rows, meta = run_suite(specs, device=args.device, dtype=dtype, warmup=args.warmup, repeats=args.repeats,
+                               threads=args.threads, seed=args.seed, use_triton=args.triton, progress=update)
+    meta["grid"] = args.grid
+    write_profile(rows, meta, out)
+    cost = CalibratedCost.fit(read_profile(out))
+    dpath, spath = write_fitted_specs(cost, out, "cpu" if args.device == "cpu" else "gpu")
+    print(f"profiled {len(rows)} shapes on {meta['device_name']} ({dtype}, torch {meta['torch_version']}); wrote {out}")
+    for f in cost.fits.values():
+        peak = format_quantity(f.peak_flops_per_s, "flops_per_s") if f.peak_flops_per_s != float("inf") else "-"
+        bw = format_quantity(f.bandwidth_bytes_per_s, "bytes_per_s") if f.bandwidth_bytes_per_s != float("inf") else "-"
+        print(f"  {f.op:12s} launch {format_quantity(f.launch_s, 's'):>9s}  peak {peak:>13s}  bandwidth {bw:>11s}  "
+              f"fit MAPE {f.train_mape:5.1f}% over {f.rows} shapes")
+    print(f"  fitted specs: {spath} (simulate with --system {spath} --cost calibrated --profile {out} --dtype {dtype})")
+    print(f"  next: moesim validate {out}")
+    return 0
+
+
+def run_validate(args) -> int:
+    from hwmodels.calib_profile import read_profile
+    from moesim.calibrate.validate import holdout, mape_table, published_checks
+    from moesim.report.validation import write_validation_report
+
+    if args.profile is None and not args.published:
+        raise ValueError("give a profile to validate (moesim validate profiles/<name>.parquet) and/or --published")
+    out = Path(args.out) if args.out else (Path(args.profile).with_suffix("").with_name(
+        Path(args.profile).stem + "-validation") if args.profile else Path("validation"))
+    out.mkdir(parents=True, exist_ok=True)
+    pred = mape = pub = prof = None
+    if args.profile is not None:
+        prof = read_profile(args.profile)
+        pred = holdout(prof, args.holdout, args.seed)
+        if pred.empty:
+            raise ValueError(f"{args.profile}: too few shapes per op to hold any out (need >= 3 interior shapes)")
+        mape = mape_table(pred)
+        pred.to_csv(out / "heldout.csv", index=False)
+        mape.to_csv(out / "mape.csv", index=False)
+        print(f"held-out error on {prof.device_name} ({prof.dtype}); {len(pred)} of {len(prof.rows)} shapes held out")
+        print(f"  {'op':12s} {'held out':>8s} {'roofline MAPE':>14s} {'table MAPE':>11s} {'worst':>7s}")
+        for r in mape.to_dict("records"):
+            print(f"  {r['op']:12s} {r['held_out']:8d} {r['roofline_mape_pct']:13.1f}% {r['table_mape_pct']:10.1f}% "
+                  f"{r['table_worst_pct']:6.1f}%")
+    if args.published:
+        pub = published_checks()
+        pub.to_csv(out / "published.csv", index=False)
+        print("published kernel figures vs the spec roofline:")
+        for r in pub.to_dict("records"):
+            print(f"  {r['check']:48s} published {r['published']:8.1f} {r['unit']:6s} predicted {r['predicted']:8.1f} "
+                  f"error {r['error_pct']:+6.1f}%")
+    path = write_validation_report(out / "validation.html", prof, pred, mape, pub)
+    print(f"  wrote {path} and CSV tables in {out}/")
+    return 0

@@ -1,0 +1,295 @@
+"""Placement models solved with OR-Tools CP-SAT, one small model per MoE layer.
+
+Decision: ``x[e, d]`` = 1 when GPU d holds a copy of expert e (at most one copy per GPU). Replica
+counts ``r[e]`` are fixed beforehand by :func:`moesim.place.baselines.replica_counts` (the greedy
+apportionment that minimises the largest per-replica share; it is optimal for that sub-problem),
+so the split rule "each replica serves 1/r of its expert's tokens" keeps the models linear.
+
+- balance: minimise ``M`` s.t. ``sum_e load[e]/r[e] * x[e, d] <= M`` for every GPU, ``sum_d x[e, d] = r[e]``,
+  ``sum_e x[e, d] <= slots_per_device``. Layers are independent: solved in parallel threads.
+- traffic: minimise the inter-layer crossing cost (ExFlow/MoETuner affinity): tokens that chose e
+  at layer l and f at layer l+1 pay ``cost(GPU of e, GPU of f)`` (0 same GPU, 1 across NVLink,
+  ``cross_node_cost`` across nodes = NVLink/network bandwidth ratio), each side split evenly over
+  replicas. Layers are coupled through their neighbours, so the model is solved by block
+  coordinate descent: odd layers with even layers fixed (in parallel), then even layers with odd
+  layers fixed (in parallel); each sub-problem is linear.
+- joint: lexicographic with a tolerance: first the balance optimum ``M*`` per layer, then the
+  traffic model under ``M <= (1 + balance_tolerance) * M*`` (M: the balance objective).
+
+All three accept a migration cap: at most ``max_moves`` new (expert, GPU) copies per layer that
+the current placement does not have. Every solve is warm-started (AddHint) from the greedy packing
+or the incumbent (for balance: greedy sharpened by swap local search, :mod:`moesim.place.local`),
+honours its time limit, and reports the proven bound.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from moesim.place.baselines import greedy_assignment, replica_counts
+from moesim.place.local import improve_layer
+from moesim.place.problem import PlacementProblem, assignment_to_placement
+from moesim.placement import Placement, PlacementError
+
+OBJECTIVES = ("balance", "traffic", "joint")
+_STATUS = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible", cp_model.INFEASIBLE: "infeasible",
+           cp_model.UNKNOWN: "unknown", cp_model.MODEL_INVALID: "invalid"}
+TRAFFIC_SCALE = 10  # traffic costs are rounded to 1/10 of a token-NVLink crossing
+
+
+@dataclass
+class LayerSolve:
+    """One CP-SAT solve: ``objective`` and ``bound`` in the model's units (tokens for balance,
+    token-crossing cost for traffic); ``gap`` = (objective - bound) / objective."""
+
+    layer: int
+    stage: str
+    status: str
+    objective: float
+    bound: float
+    wall_s: float
+
+    @property
+    def gap(self) -> float:
+        return 0.0 if self.objective <= 0 else max(0.0, (self.objective - self.bound) / self.objective)
+
+
+@dataclass
+class SolveReport:
+    objective: str
+    time_limit_s: float
+    num_workers: int
+    wall_s: float = 0.0
+    solves: list[LayerSolve] = field(default_factory=list)
+
+    def stage(self, name: str) -> list[LayerSolve]:
+        return [s for s in self.solves if s.stage == name]
+
+    def summary(self) -> dict:
+        out = {"objective": self.objective, "time_limit_s": self.time_limit_s, "num_workers": self.num_workers,
+               "wall_s": round(self.wall_s, 3)}
+        for name in sorted({s.stage for s in self.solves}):
+            ss = self.stage(name)
+            # for traffic, keep the last sweep of each layer
+            last = {s.layer: s for s in ss}
+            obj = sum(s.objective for s in last.values())
+            bound = sum(s.bound for s in last.values())
+            out[name] = {"layers": len(last), "optimal_layers": sum(s.status == "optimal" for s in last.values()),
+                         "objective_sum": obj, "bound_sum": bound,
+                         "gap": 0.0 if obj <= 0 else max(0.0, (obj - bound) / obj),
+                         "max_layer_gap": max(s.gap for s in last.values())}
+        return out
+
+
+def _share_scale(counts: np.ndarray) -> int:
+    """Integer scale for per-replica shares ``load * scale / count`` (exact when lcm(counts) <= 720)."""
+    lcm = math.lcm(*[int(c) for c in np.unique(counts)])
+    return lcm if lcm <= 720 else 720
+
+
+def _solve_layer(problem: PlacementProblem, layer: int, counts: np.ndarray, hint: np.ndarray, stage: str,
+                 time_limit_s: float, num_workers: int, seed: int, traffic_cost: np.ndarray | None = None,
+                 max_load: int | None = None, current: np.ndarray | None = None,
+                 max_moves: int | None = None) -> tuple[np.ndarray, LayerSolve, int]:
+    """One layer's model. counts [E], hint/current [E, D] 0/1, traffic_cost [E, D] (cost of a copy of
+    e on GPU d, float). Returns (assign [E, D] int8, report, best max-load in scaled units)."""
+    e_count, d_count, spd = problem.num_experts, problem.num_devices, problem.slots_per_device
+    loads = [problem.load[layer]]
+    if problem.scenarios is not None:
+        loads += [sc[layer] for sc in problem.scenarios]
+    if stage == "balance" and d_count > 1:  # sharpen the greedy warm start with swap local search
+        shares = np.stack([ld / counts for ld in loads])
+        hint = improve_layer(np.asarray(hint, dtype=np.int8), shares, spd, 0.25 * time_limit_s)
+        if current is not None and max_moves is not None and int((hint * (1 - current)).sum()) > max_moves:
+            hint = np.asarray(current, dtype=np.int8) if np.all(current.sum(axis=1) == counts) else hint
+        time_limit_s *= 0.75
+    scale = _share_scale(counts)
+    ws = [np.rint(ld.astype(float) * scale / counts).astype(np.int64) for ld in loads]
+    m = cp_model.CpModel()
+    x = [[m.NewBoolVar(f"x{e}_{d}") for d in range(d_count)] for e in range(e_count)]
+    for e in range(e_count):
+        m.Add(sum(x[e]) == int(counts[e]))
+    for d in range(d_count):
+        m.Add(sum(x[e][d] for e in range(e_count)) <= spd)
+    mxs = []
+    for s_i, w in enumerate(ws):  # max GPU load of the nominal load and of each scenario
+        mx = m.NewIntVar(0, int(w.sum()), f"max_load{s_i}")
+        for d in range(d_count):
+            m.Add(sum(int(w[e]) * x[e][d] for e in range(e_count) if w[e]) <= mx)
+        m.Add(mx >= -(-int(w.sum()) // d_count))  # average-load cut
+        m.Add(mx >= int(w.max(initial=0)))
+        mxs.append(mx)
+    total_mx = sum(mxs)
+    if max_load is not None:
+        m.Add(total_mx <= int(max_load))
+    if current is not None and max_moves is not None:
+        m.Add(sum(x[e][d] for e in range(e_count) for d in range(d_count) if not current[e, d]) <= int(max_moves))
+    for e in range(e_count):
+        for d in range(d_count):
+            m.AddHint(x[e][d], bool(hint[e, d]))
+    if stage == "balance":
+        m.Minimize(total_mx)
+        unit = scale * len(ws)  # objective: mean over nominal + scenarios of the max GPU load, in tokens
+    else:
+        tc = np.rint(traffic_cost * TRAFFIC_SCALE).astype(np.int64)
+        m.Minimize(sum(int(tc[e, d]) * x[e][d] for e in range(e_count) for d in range(d_count) if tc[e, d]))
+        unit = TRAFFIC_SCALE
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(0.05, float(time_limit_s))
+    solver.parameters.num_workers = max(1, int(num_workers))
+    solver.parameters.random_seed = int(seed)
+    t0 = time.perf_counter()
+    status = solver.Solve(m)
+    wall_s = time.perf_counter() - t0
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        assign = np.array([[solver.Value(x[e][d]) for d in range(d_count)] for e in range(e_count)], dtype=np.int8)
+        rep = LayerSolve(layer=layer, stage=stage, status=_STATUS[status], objective=solver.ObjectiveValue() / unit,
+                         bound=solver.BestObjectiveBound() / unit, wall_s=wall_s)
+        return assign, rep, int(sum(solver.Value(v) for v in mxs))
+    # no solution within the time limit: keep the warm start when it satisfies every constraint
+    hint = np.asarray(hint, dtype=np.int8)
+    hint_mx = int(sum((w[:, None] * hint).sum(axis=0).max() for w in ws))
+    ok = (np.all(hint.sum(axis=1) == counts) and np.all(hint.sum(axis=0) <= spd)
+          and (max_load is None or hint_mx <= max_load)
+          and (current is None or max_moves is None or int((hint * (1 - current)).sum()) <= max_moves))
+    if status == cp_model.INFEASIBLE or not ok:
+        why = "the migration cap is too small for these replica counts" if max_moves is not None else \
+            "no feasible placement"
+        raise PlacementError(f"layer {layer} ({stage}): CP-SAT found no solution ({_STATUS.get(status, status)}) "
+                             f"within {time_limit_s:.2f} s: {why}")
+    if stage == "balance":
+        obj = hint_mx / unit
+    else:
+        obj = float((np.rint(traffic_cost * TRAFFIC_SCALE) * hint).sum()) / unit
+    rep = LayerSolve(layer=layer, stage=stage, status="warm-start", objective=obj,
+                     bound=solver.BestObjectiveBound() / unit, wall_s=wall_s)
+    return hint.copy(), rep, hint_mx
+
+
+def traffic_cost_matrix(problem: PlacementProblem, layer: int, assign: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """[E, D] cost of putting a copy of layer ``layer``'s expert e on GPU d, given the placements
+    ``assign`` [L, E, D] of the neighbouring layers and replica ``counts`` [L, E] (even split)."""
+    p = problem
+    cost_dd = p.device_cost()
+    out = np.zeros((p.num_experts, p.num_devices))
+    if p.affinity is None:
+        raise PlacementError("the traffic and joint objectives need the inter-layer affinity (problem.affinity)")
+    if layer + 1 < p.num_layers:  # tokens of (e at l) then (f at l+1)
+        nxt = assign[layer + 1] / counts[layer + 1][:, None]  # [F, D'] fraction of f's tokens on D'
+        c_next = nxt @ cost_dd.T  # [F, D]: cost from GPU d to f's copies
+        out += p.affinity[layer].astype(float) @ c_next
+    if layer > 0:
+        prv = assign[layer - 1] / counts[layer - 1][:, None]  # [E', D']
+        out += p.affinity[layer - 1].T.astype(float) @ (prv @ cost_dd)
+    return out / counts[layer][:, None]
+
+
+def traffic_of(problem: PlacementProblem, assign: np.ndarray) -> float:
+    """Total inter-layer crossing cost of assign [L, E, D] (the traffic objective, even split)."""
+    p = problem
+    counts = assign.sum(axis=2)
+    total = 0.0
+    for layer in range(p.num_layers - 1):
+        a = assign[layer] / counts[layer][:, None]
+        b = assign[layer + 1] / counts[layer + 1][:, None]
+        total += float(np.einsum("ef,ed,dk,fk->", p.affinity[layer].astype(float), a, p.device_cost(), b))
+    return total
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30.0, num_workers: int | None = None,
+          current: Placement | None = None, max_moves: int | None = None, balance_tolerance: float = 0.0,
+          sweeps: int = 1, seed: int = 0,
+          progress: Callable[[int, int], None] | None = None) -> tuple[Placement, SolveReport]:
+    """Solve ``objective`` (balance | traffic | joint) within about ``time_limit_s`` seconds of wall
+    time on ``num_workers`` threads (default: all cores). Returns the placement and a report."""
+    if objective not in OBJECTIVES:
+        raise PlacementError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    if time_limit_s <= 0:
+        raise PlacementError(f"time limit must be > 0 s, got {time_limit_s}")
+    if max_moves is not None and max_moves < 0:
+        raise PlacementError(f"max_moves must be >= 0, got {max_moves}")
+    p = problem
+    workers = num_workers or default_workers()
+    t_start = time.perf_counter()
+    report = SolveReport(objective=objective, time_limit_s=time_limit_s, num_workers=workers)
+    counts = replica_counts(p.load, p.num_replicas, p.num_devices)
+    hint = greedy_assignment(p, counts)
+    cur = None
+    if current is not None:
+        current.check_fits(p.num_layers, p.num_experts, p.num_devices)
+        from moesim.place.problem import placement_to_assignment
+        cur = placement_to_assignment(current)
+    # CP-SAT needs >= 2 workers for its LNS portfolio; run the remaining cores' worth of layers in parallel
+    parallel = max(1, min(workers // 2, p.num_layers))
+    per_solve_workers = max(2, workers // parallel)
+    stages = {"balance": ["balance"], "traffic": ["traffic"], "joint": ["balance", "traffic"]}[objective]
+    # time budget: balance gets 2 units (it is the stage that pays in simulated time), each traffic half-sweep 1
+    units = sum(2 if s == "balance" else 2 * sweeps for s in stages)
+    safety = 0.9  # leave time for model building and bookkeeping
+    total = [0]
+    n_total = p.num_layers * sum(1 if s == "balance" else sweeps for s in stages)
+
+    def run_wave(layers: list[int], stage: str, budget_s: float, fn) -> None:
+        waves = -(-len(layers) // parallel)
+        limit = budget_s * safety / max(waves, 1)
+        with ThreadPoolExecutor(max_workers=parallel) as ex:
+            for layer, (a, rep, mx) in zip(layers, ex.map(lambda l: fn(l, limit), layers)):
+                fn.result(layer, a, rep, mx)
+                report.solves.append(rep)
+                total[0] += 1
+                if progress is not None:
+                    progress(total[0], n_total)
+
+    assign = hint.copy()
+    max_load = np.zeros(p.num_layers, dtype=np.int64)
+    unit_s = time_limit_s / units
+    if "balance" in stages:
+        class Bal:
+            @staticmethod
+            def __call__(layer, limit):
+                return _solve_layer(p, layer, counts[layer], hint[layer], "balance", limit, per_solve_workers, seed,
+                                    current=None if cur is None else cur[layer], max_moves=max_moves)
+
+            @staticmethod
+            def result(layer, a, rep, mx):
+                assign[layer] = a
+                max_load[layer] = mx
+        run_wave(list(range(p.num_layers)), "balance", 2 * unit_s, Bal())
+    if "traffic" in stages:
+        if p.affinity is None:
+            raise PlacementError("the traffic and joint objectives need the inter-layer affinity (problem.affinity)")
+        cap = None
+        if objective == "joint":
+            cap = np.floor(max_load * (1.0 + balance_tolerance)).astype(np.int64)
+
+        class Tra:
+            @staticmethod
+            def __call__(layer, limit):
+                tc = traffic_cost_matrix(p, layer, assign, counts)
+                return _solve_layer(p, layer, counts[layer], assign[layer], "traffic", limit, per_solve_workers,
+                                    seed, traffic_cost=tc, max_load=None if cap is None else cap[layer],
+                                    current=None if cur is None else cur[layer], max_moves=max_moves)
+
+            @staticmethod
+            def result(layer, a, rep, mx):
+                assign[layer] = a
+
+        for _ in range(sweeps):
+            for parity in (1, 0):
+                layers = [l for l in range(p.num_layers) if l % 2 == parity]
+                if layers:
+                    run_wave(layers, "traffic", unit_s, Tra())
+    report.wall_s = time.perf_counter() - t_start
+    return assignment_to_placement(assign, p, objective), report

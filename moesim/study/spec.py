@@ -1,0 +1,164 @@
+"""``study.toml``: a grid or a list of configurations over hardware, model, placement, memory and policies.
+
+Format::
+
+    [study]
+    name = "placement_vs_scale"          # optional, default: the folder name
+    description = "..."                  # optional
+    engine = "analytic"                  # "analytic" (default) or "des"
+    seed = 0                             # one seed for every configuration (results do not depend on the executor)
+
+    [base]                               # values shared by every configuration (override PARAMETERS defaults)
+    model = "deepseek-v3"
+
+    [grid]                               # Cartesian product of these lists ...
+    nodes = [1, 2, 4]
+    placement = ["contiguous", "round-robin"]
+
+    [[configs]]                          # ... and/or an explicit list of configurations
+    nodes = 8
+
+Every configuration is ``PARAMETERS`` defaults <- ``[base]`` <- one grid point / list entry. An unknown
+key anywhere, a grid key with an empty list, or a study with neither grid nor list raises ValueError
+naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: every parameter a configuration has, with its default and type
+PARAMETERS: dict[str, Any] = {
+    "system": "dgx-h100",          # system spec name or .toml path
+    "nodes": 1,                    # scale the system to this many nodes
+    "model": "flame-moe-290m",     # model catalog name
+    "traffic": "flame",            # see moesim.study.traffic.TRAFFIC
+    "tokens": 2048,                # tokens per step of the traffic
+    "steps": 1,                    # steps of the traffic
+    "placement": "contiguous",     # see moesim.study.evaluate.placement_methods()
+    "replicas": 0,                 # redundant expert slots in total (placement methods that replicate)
+    "replica_routing": "local-first",
+    "micro_batches": 1,
+    "overlap_micro_batches": True,
+    "dtype": "bf16",
+    "cost": "roofline",
+    "hbm_capacity_bytes": 0.0,     # 0 = the device spec's HBM (main memory) capacity
+    "sram_capacity_bytes": 0.0,    # 0 = the device spec's SRAM tier (0 if none)
+}
+STUDY_KEYS = {"name", "description", "engine", "seed"}
+TOP_KEYS = {"study", "base", "grid", "configs"}
+ENGINE_NAMES = ("analytic", "des")
+
+
+@dataclass(frozen=True)
+class Study:
+    """A parsed study: ``configs`` is a list of full parameter dicts (keys of PARAMETERS) in study order."""
+
+    path: Path
+    name: str
+    description: str
+    engine: str
+    seed: int
+    configs: tuple[dict, ...]
+    varied: tuple[str, ...]  # parameters that take more than one value across configs
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / "results.parquet"
+
+
+def config_id(config: dict, engine: str, seed: int) -> str:
+    """A stable id of one configuration (hash of its parameters, engine and seed)."""
+    doc = json.dumps({"config": config, "engine": engine, "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha1(doc.encode()).hexdigest()[:16]
+
+
+def _check_value(where: str, key: str, value: Any) -> Any:
+    if key not in PARAMETERS:
+        raise ValueError(f"{where}: unknown key {key!r} (known parameters: {', '.join(sorted(PARAMETERS))})")
+    default = PARAMETERS[key]
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if key == "replicas" else 1)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str) and value != ""
+    if not ok:
+        kind = {bool: "true/false", int: "a positive integer", float: "a non-negative number", str: "a non-empty string"}[type(default)]
+        raise ValueError(f"{where}: key {key!r} must be {kind}, got {value!r}")
+    return value
+
+
+def _read(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no study file (a study is a folder with a study.toml)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_study(path: str | Path) -> Study:
+    """Parse ``<dir>/study.toml`` (``path`` is the folder or the file) into a :class:`Study`."""
+    path = Path(path)
+    file = path if path.suffix == ".toml" else path / "study.toml"
+    folder = file.parent
+    raw = _read(file)
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise ValueError(f"{file}: unknown key {key!r} (allowed tables: {', '.join(sorted(TOP_KEYS))})")
+    head = raw.get("study", {})
+    for key in head:
+        if key not in STUDY_KEYS:
+            raise ValueError(f"{file}: unknown key 'study.{key}' (known: {', '.join(sorted(STUDY_KEYS))})")
+    engine = head.get("engine", "analytic")
+    if engine not in ENGINE_NAMES:
+        raise ValueError(f"{file}: key 'study.engine': unknown engine {engine!r} (known: {', '.join(ENGINE_NAMES)})")
+    seed = head.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"{file}: key 'study.seed' must be a non-negative integer, got {seed!r}")
+    base = dict(PARAMETERS)
+    for key, value in raw.get("base", {}).items():
+        base[key] = _check_value(f"{file}: [base]", key, value)
+    points: list[dict] = []
+    grid = raw.get("grid")
+    if grid is not None:
+        if not isinstance(grid, dict) or not grid:
+            raise ValueError(f"{file}: [grid] is empty (give at least one parameter with a list of values)")
+        axes = []
+        for key, values in grid.items():
+            if not isinstance(values, list):
+                values = [values]
+            if not values:
+                raise ValueError(f"{file}: key 'grid.{key}' is an empty list, so the grid has no configurations")
+            axes.append([(key, _check_value(f"{file}: [grid]", key, v)) for v in values])
+        points += [dict(combo) for combo in itertools.product(*axes)]
+    entries = raw.get("configs")
+    if entries is not None:
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{file}: key 'configs' is empty (write [[configs]] tables)")
+        for i, entry in enumerate(entries):
+            points.append({k: _check_value(f"{file}: configs[{i}]", k, v) for k, v in entry.items()})
+    if not points:
+        raise ValueError(f"{file}: the study has no configurations: add a [grid] or [[configs]]")
+    configs = []
+    seen = set()
+    for p in points:
+        c = {**base, **p}
+        cid = config_id(c, engine, seed)
+        if cid not in seen:  # duplicates (e.g. a list entry equal to a grid point) run once
+            seen.add(cid)
+            configs.append(c)
+    varied = tuple(k for k in PARAMETERS if len({json.dumps(c[k]) for c in configs}) > 1)
+    return Study(path=folder, name=head.get("name", folder.name), description=head.get("description", ""),
+                 engine=engine, seed=seed, configs=tuple(configs), varied=varied)

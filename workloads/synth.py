@@ -1,0 +1,347 @@
+"""Trace-fitted synthetic routing: fit a small generative model to a real trace, then generate traces of
+any length, token count, expert count, layer count and top-k.
+
+The model (:class:`SynthModel`) has three parts, all measured on the real trace:
+
+1. per-layer expert load ``load`` ``[L, E]`` (share of selections, rows sum to 1);
+2. inter-layer Markov affinity ``affinity`` ``[L-1, E, E]``: P(expert j at layer l+1 | expert i at layer l);
+3. temporal locality ``locality`` ``[L]``: mean share of a token's experts also chosen by the previous token
+   of the same sequence.
+
+Generation (:func:`generate`) walks tokens of ``seq_len``-long sequences in order and layers in order. At
+layer l a token's score for expert j is ``log c[l, j] + log mean_{i in S(l-1)} P(j | i) + log b[l] *
+[j in S_prev(l)] + Gumbel``; its k largest scores are its experts in rank order (Gumbel top-k = sampling
+without replacement). ``c`` (per-expert correction) and ``b`` (reuse boost) are calibrated by a short
+Monte-Carlo fixed point so that the generated load and locality match the targets (sampling without
+replacement and the affinity mixture otherwise distort the marginals).
+
+Other shapes: experts are mapped block-wise (E' > E: each fitted expert's load and affinity is split
+evenly over E'/E new experts; E' < E: neighbouring experts are merged), layers by nearest fitted layer
+(skipped layers compose their affinity matrices as a Markov chain), locality keeps its lift over
+random (locality / (k/E)), gate weights follow the fitted mean weight per rank (interpolated for k').
+
+Baselines :func:`uniform_trace` and :func:`zipf_trace` (the usual assumptions of other simulators) are
+named in ``BASELINES``; :func:`compare` measures any trace against a real one (load TVD, affinity TVD,
+locality) so that the fitted generator can be checked against them on the same metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from workloads import stats
+from workloads.trace import Trace, TraceMeta, from_dense
+
+
+@dataclass(frozen=True)
+class SynthModel:
+    """Fitted routing statistics.
+
+    ``load`` [L, E] share of selections per expert (rows sum to 1); ``affinity`` [L-1, E, E] row-stochastic
+    P(j at l+1 | i at l); ``locality`` [L] target overlap share with the previous token (0..1);
+    ``weight_profile`` [L, k] mean gate weight per rank; ``seq_len`` tokens per sequence.
+    """
+
+    num_experts: int
+    top_k: int
+    num_layers: int
+    load: np.ndarray
+    affinity: np.ndarray
+    locality: np.ndarray
+    weight_profile: np.ndarray
+    seq_len: int
+    source: str
+    extra: dict = field(default_factory=dict)
+
+
+def fit(trace: Trace, *, smoothing: float | None = None) -> SynthModel:
+    """Fit a :class:`SynthModel` to ``trace``. ``smoothing``: pseudo-pairs per affinity row (default E),
+    shrinking rows seen rarely toward the next layer's load (reduces over-fitting on short traces)."""
+    m = trace.meta
+    if m.extra.get("variable_k"):
+        raise ValueError("fit: variable-k traces are not supported (the generator draws a fixed top-k)")
+    sm = float(m.num_experts if smoothing is None else smoothing)
+    if sm < 0:
+        raise ValueError(f"fit: smoothing must be >= 0, got {smoothing}")
+    load = stats.load_fraction(trace)
+    aff = stats.affinity_matrices(trace, smoothing=sm)
+    loc = stats.temporal_locality(trace)
+    wsum = np.zeros((m.num_layers, m.top_k))
+    wcnt = np.zeros((m.num_layers, m.top_k))
+    np.add.at(wsum, (trace.columns["layer"], trace.columns["rank"]), trace.columns["weight"].astype(np.float64))
+    np.add.at(wcnt, (trace.columns["layer"], trace.columns["rank"]), 1.0)
+    wprof = np.divide(wsum, wcnt, out=np.full_like(wsum, 1.0 / m.top_k), where=wcnt > 0)
+    seq_len = int(m.extra.get("seq_len") or 0)
+    if not seq_len and "position" in trace.columns:
+        seq_len = int(trace.columns["position"].max()) + 1
+    if not seq_len:
+        seq_len = max(trace.tokens_per_step().values())
+    return SynthModel(num_experts=m.num_experts, top_k=m.top_k, num_layers=m.num_layers, load=load, affinity=aff,
+                      locality=loc, weight_profile=wprof, seq_len=seq_len,
+                      source=f"synthetic, fitted to {m.model} ({m.source})", extra={"fitted_model": m.model,
+                                                                                   "smoothing": sm})
+
+
+def fit_counts(load_counts: np.ndarray, pair_counts: np.ndarray | None, top_k: int, *, source: str,
+               locality: np.ndarray | None = None, seq_len: int = 2048, model: str = "counts") -> SynthModel:
+    """Fit from aggregate statistics: ``load_counts`` [L, E] selections, ``pair_counts`` [L-1, E, E] co-selection
+    counts of consecutive recorded layers (None = independent layers), ``locality`` [L] (None = random)."""
+    load_counts = np.asarray(load_counts, dtype=np.float64)
+    if load_counts.ndim != 2 or (load_counts < 0).any():
+        raise ValueError(f"fit_counts: load_counts must be a non-negative [layers, experts] array, got {load_counts.shape}")
+    n_l, n_e = load_counts.shape
+    load = load_counts / load_counts.sum(axis=1, keepdims=True)
+    aff = np.zeros((max(n_l - 1, 0), n_e, n_e))
+    for layer in range(n_l - 1):
+        if pair_counts is None:
+            aff[layer] = load[layer + 1][None, :]
+            continue
+        c = np.asarray(pair_counts[layer], dtype=np.float64)
+        rows = c.sum(axis=1, keepdims=True)
+        aff[layer] = np.where(rows > 0, c / np.where(rows > 0, rows, 1), load[layer + 1][None, :])
+    loc = np.full(n_l, top_k / n_e) if locality is None else np.asarray(locality, dtype=np.float64)
+    return SynthModel(num_experts=n_e, top_k=top_k, num_layers=n_l, load=load, affinity=aff, locality=loc,
+                      weight_profile=np.full((n_l, top_k), 1.0 / top_k), seq_len=seq_len, source=source,
+                      extra={"fitted_model": model})
+
+
+# ---------------------------------------------------------------- reshaping to other shapes
+
+def _expert_map(e_from: int, e_to: int) -> np.ndarray:
+    """Mass-spreading matrix [e_from, e_to]: rows sum to 1 (split when growing, merge when shrinking)."""
+    m = np.zeros((e_from, e_to))
+    if e_to >= e_from:
+        src = (np.arange(e_to) * e_from) // e_to
+        cnt = np.bincount(src, minlength=e_from)
+        m[src, np.arange(e_to)] = 1.0 / cnt[src]
+    else:
+        m[np.arange(e_from), (np.arange(e_from) * e_to) // e_from] = 1.0
+    return m
+
+
+def _reshape(model: SynthModel, e: int, k: int, n_l: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Targets for the new shape: load [n_l, e], transitions [n_l-1, e, e], locality [n_l], weights [n_l, k]."""
+    src_l = np.zeros(n_l, dtype=int) if n_l == 1 else np.rint(np.arange(n_l) * (model.num_layers - 1) / (n_l - 1)).astype(int)
+    emap = _expert_map(model.num_experts, e)
+    load = model.load[src_l] @ emap
+    trans = np.zeros((max(n_l - 1, 0), e, e))
+    for lp in range(n_l - 1):
+        a, b = src_l[lp], src_l[lp + 1]
+        if model.num_layers == 1:
+            t = np.broadcast_to(model.load[0][None, :], (model.num_experts,) * 2)
+        elif b > a:
+            t = np.eye(model.num_experts)
+            for mid in range(a, b):
+                t = t @ model.affinity[mid]
+        else:
+            t = model.affinity[min(a, model.num_layers - 2)]
+        joint = emap.T @ (model.load[a][:, None] * t) @ emap
+        rows = joint.sum(axis=1, keepdims=True)
+        p = np.where(rows > 0, joint / np.where(rows > 0, rows, 1), load[lp + 1][None, :])
+        # P(j|i) counts all k x k pairs, so a token's k-1 other experts dilute it; the sampler mixes the
+        # rows of all k chosen experts, so undo the dilution: T = f + k (P - f), clipped and renormalised.
+        f = load[lp + 1][None, :]
+        sharp = np.clip(f + k * (p - f), 0.0, None)
+        trans[lp] = sharp / np.where(sharp.sum(axis=1, keepdims=True) > 0, sharp.sum(axis=1, keepdims=True), 1)
+    lift = model.locality[src_l] / (model.top_k / model.num_experts)
+    loc = np.clip(lift * k / e, 0.0, 1.0)
+    xs = np.linspace(0, 1, model.top_k) if model.top_k > 1 else np.zeros(1)
+    xt = np.linspace(0, 1, k) if k > 1 else np.zeros(1)
+    wprof = np.stack([np.interp(xt, xs, model.weight_profile[s]) for s in src_l])
+    return load, trans, loc, wprof
+
+
+# ---------------------------------------------------------------- sampling engine
+
+def _run(logc: np.ndarray, logb: np.ndarray, trans: np.ndarray, k: int, n_seq: int, seq_len: int,
+         rng: np.random.Generator) -> np.ndarray:
+    """Sample experts [n_seq * seq_len, L, k] (rank order); tokens ordered sequence-major."""
+    n_l, e = logc.shape
+    out = np.zeros((n_seq, seq_len, n_l, k), dtype=np.int32)
+    rows = np.arange(n_seq)[:, None]
+    for p in range(seq_len):
+        prev_sel = None
+        for layer in range(n_l):
+            score = np.broadcast_to(logc[layer], (n_seq, e)).copy()
+            if layer > 0:
+                mix = trans[layer - 1][prev_sel].mean(axis=1)
+                score += np.log(mix + 1e-12)
+            if p > 0 and logb[layer] != 0:
+                score[rows, out[:, p - 1, layer]] += logb[layer]
+            score += rng.gumbel(size=(n_seq, e))
+            part = np.argpartition(-score, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(score, part, axis=1), axis=1)
+            sel = np.take_along_axis(part, order, axis=1)
+            out[:, p, layer] = sel
+            prev_sel = sel
+    return out.reshape(n_seq * seq_len, n_l, k)
+
+
+def _measure(ids: np.ndarray, e: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Load share [L, E] and locality [L] of dense ids [tokens, L, k] laid out as sequences of seq_len."""
+    n_t, n_l, k = ids.shape
+    load = np.zeros((n_l, e))
+    for layer in range(n_l):
+        load[layer] = np.bincount(ids[:, layer].ravel(), minlength=e)
+    load /= load.sum(axis=1, keepdims=True)
+    seq = ids.reshape(-1, seq_len, n_l, k)
+    if seq_len < 2:
+        return load, np.zeros(n_l)
+    eq = (seq[:, 1:, :, :, None] == seq[:, :-1, :, None, :]).any(axis=-1)
+    return load, eq.mean(axis=(0, 1, 3))
+
+
+@dataclass
+class _Calibrated:
+    logc: np.ndarray
+    logb: np.ndarray
+    trans: np.ndarray
+    wprof: np.ndarray
+    k: int
+
+
+def calibrate(model: SynthModel, num_experts: int, top_k: int, num_layers: int, *, seed: int = 0,
+              iterations: int = 10, tokens: int = 4096) -> _Calibrated:
+    """Fixed-point calibration of per-expert corrections and reuse boosts for one target shape."""
+    load, trans, loc, wprof = _reshape(model, num_experts, top_k, num_layers)
+    rng = np.random.default_rng(seed)
+    target = np.clip(load, 1e-9, None)
+    logc = np.log(target)
+    base = top_k / num_experts
+    logb = np.log(np.clip(loc / base, 1.0, 50.0))
+    seq_len = max(2, min(model.seq_len, 64))
+    for it in range(iterations):
+        n_tok = tokens if it < iterations - 4 else tokens * 2
+        n_seq = max(1, n_tok // seq_len)
+        ids = _run(logc, logb, trans, top_k, n_seq, seq_len, rng)
+        got_load, got_loc = _measure(ids, num_experts, seq_len)
+        step = 0.8 if it < iterations - 4 else 0.4
+        logc += step * (np.log(target) - np.log(np.clip(got_load, 1e-9, None)))
+        logc -= logc.max(axis=1, keepdims=True)
+        logc = np.maximum(logc, -40.0)
+        logb = np.clip(logb + 1.5 * step * (np.log(np.clip(loc, 1e-6, None)) - np.log(np.clip(got_loc, 1e-6, None))),
+                       0.0, 20.0)
+        logb = np.where(loc <= base, 0.0, logb)
+    return _Calibrated(logc=logc, logb=logb, trans=trans, wprof=wprof, k=top_k)
+
+
+def generate(model: SynthModel, num_tokens: int, *, num_experts: int | None = None, top_k: int | None = None,
+             num_layers: int | None = None, num_steps: int = 1, seq_len: int | None = None, seed: int = 0,
+             model_name: str | None = None, calibration: _Calibrated | None = None) -> Trace:
+    """Generate a trace of ``num_steps`` steps with ``num_tokens`` tokens each (default shape = fitted shape).
+
+    Tokens of a step form sequences of ``seq_len`` (default the fitted one); the trace has ``sequence`` and
+    ``position`` columns and ``weight`` = fitted mean gate weight of each rank.
+    """
+    e = model.num_experts if num_experts is None else int(num_experts)
+    k = model.top_k if top_k is None else int(top_k)
+    n_l = model.num_layers if num_layers is None else int(num_layers)
+    for name, v in (("num_tokens", num_tokens), ("num_experts", e), ("top_k", k), ("num_layers", n_l),
+                    ("num_steps", num_steps)):
+        if int(v) < 1:
+            raise ValueError(f"generate: {name} must be >= 1, got {v}")
+    if k > e:
+        raise ValueError(f"generate: top_k={k} exceeds num_experts={e}")
+    seq_len = int(seq_len or model.seq_len)
+    if seq_len < 1:
+        raise ValueError(f"generate: seq_len must be >= 1, got {seq_len}")
+    cal = calibration or calibrate(model, e, k, n_l, seed=seed + 1)
+    rng = np.random.default_rng(seed)
+    total = num_tokens * num_steps
+    n_seq = -(-total // seq_len)
+    ids = _run(cal.logc, cal.logb, cal.trans, k, n_seq, seq_len, rng)[:total]
+    weights = np.broadcast_to(cal.wprof[None, :, :], ids.shape).astype(np.float32)
+    g = np.arange(total)
+    meta = TraceMeta(model=model_name or f"synth-{model.extra.get('fitted_model', 'fit')}", num_experts=e, top_k=k,
+                     num_layers=n_l, source=model.source,
+                     extra={"generator": "workloads.synth.generate", "seed": seed, "seq_len": seq_len})
+    return from_dense(ids, weights, meta, step=(g // num_tokens).astype(np.int32), token=g % num_tokens,
+                      extra={"sequence": (g // seq_len).astype(np.int32), "position": (g % seq_len).astype(np.int32)})
+
+
+# ---------------------------------------------------------------- baselines
+
+def _baseline(probs: np.ndarray, num_tokens: int, k: int, seed: int, name: str, seq_len: int) -> Trace:
+    n_l, e = probs.shape
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((num_tokens, n_l, k), dtype=np.int32)
+    for layer in range(n_l):
+        score = np.log(probs[layer])[None, :] + rng.gumbel(size=(num_tokens, e))
+        part = np.argpartition(-score, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(score, part, axis=1), axis=1)
+        ids[:, layer] = np.take_along_axis(part, order, axis=1)
+    g = np.arange(num_tokens)
+    meta = TraceMeta(model=f"{name}-baseline", num_experts=e, top_k=k, num_layers=n_l,
+                     source=f"synthetic {name} baseline (workloads.synth)", extra={"seq_len": seq_len, "seed": seed})
+    return from_dense(ids, np.full(ids.shape, 1.0 / k, dtype=np.float32), meta,
+                      extra={"sequence": (g // seq_len).astype(np.int32), "position": (g % seq_len).astype(np.int32)})
+
+
+def uniform_trace(num_tokens: int, num_experts: int, top_k: int, num_layers: int, *, seed: int = 0,
+                  seq_len: int = 64) -> Trace:
+    """Every token picks ``top_k`` distinct experts uniformly at random, independently per layer."""
+    return _baseline(np.full((num_layers, num_experts), 1.0 / num_experts), num_tokens, top_k, seed, "uniform", seq_len)
+
+
+def zipf_trace(num_tokens: int, num_experts: int, top_k: int, num_layers: int, *, seed: int = 0,
+               exponent: float = 1.0, seq_len: int = 64) -> Trace:
+    """Zipf-skewed choice: expert popularity ~ 1/rank**exponent, a random ranking per layer, no affinity."""
+    rng = np.random.default_rng(seed + 7919)
+    p = 1.0 / np.arange(1, num_experts + 1) ** exponent
+    probs = np.stack([rng.permutation(p / p.sum()) for _ in range(num_layers)])
+    return _baseline(probs, num_tokens, top_k, seed, "zipf", seq_len)
+
+
+BASELINES: dict[str, Callable[..., Trace]] = {"uniform": uniform_trace, "zipf": zipf_trace}
+
+
+# ---------------------------------------------------------------- validation
+
+def compare(candidate: Trace, real: Trace) -> dict:
+    """Distances of ``candidate`` from ``real`` (same E and L): per-layer load TVD ``[L]``, per-pair joint
+    affinity TVD ``[L-1]`` (TVD of the (i at l, j at l+1) pair distributions) and locality difference ``[L]``."""
+    a, b = candidate.meta, real.meta
+    if (a.num_experts, a.num_layers) != (b.num_experts, b.num_layers):
+        raise ValueError(f"compare: shapes differ: candidate {a.num_layers}x{a.num_experts}, "
+                         f"real {b.num_layers}x{b.num_experts} (layers x experts)")
+    la, lb = stats.expert_load(candidate), stats.expert_load(real)
+    load_tvd = np.array([stats.tvd(la[i], lb[i]) for i in range(a.num_layers)])
+    aff_tvd = np.array([stats.tvd(stats.pair_counts(candidate, i), stats.pair_counts(real, i))
+                        for i in range(a.num_layers - 1)])
+    loc_diff = stats.temporal_locality(candidate) - stats.temporal_locality(real)
+    return {"load_tvd": load_tvd, "affinity_tvd": aff_tvd, "locality_diff": loc_diff}
+
+
+# ---------------------------------------------------------------- OLMoE-paper aggregate statistics
+
+OLMOE_STATS_DIR = "olmoe-paper-routing-stats"
+
+
+def load_olmoe_stats(traces_dir: str | Path, model: str, domain: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Read the OLMoE-paper routing statistics (see shared/data/traces/README.md, Apache-2.0, allenai/OLMoE
+    357454f): load counts [3, E] for recorded layers 0/7/15, rank-zipped pair counts [2, E, E] (0->7, 7->15)
+    and top_k. ``model`` is a prefix of the CSV's model name (``Mixtral`` or ``OLMoE``)."""
+    import pandas as pd
+
+    base = Path(traces_dir) / OLMOE_STATS_DIR
+    ld = pd.read_csv(base / "expert_load_per_layer.csv")
+    ld = ld[ld["model"].str.startswith(model) & (ld["domain"] == domain)]
+    if ld.empty:
+        raise ValueError(f"no OLMoE-paper load rows for model {model!r}, domain {domain!r} in {base}")
+    layers = sorted(ld["layer"].unique())
+    e = int(ld["expert"].max()) + 1
+    load = np.zeros((len(layers), e))
+    for i, layer in enumerate(layers):
+        part = ld[ld["layer"] == layer]
+        load[i, part["expert"].to_numpy()] = part["selections"].to_numpy()
+    pr = pd.read_csv(base / "crosslayer_expert_pairs.csv")
+    pr = pr[pr["model"].str.startswith(model) & (pr["domain"] == domain)]
+    pairs = np.zeros((len(layers) - 1, e, e))
+    for i in range(len(layers) - 1):
+        part = pr[(pr["layer_a"] == layers[i]) & (pr["layer_b"] == layers[i + 1])]
+        np.add.at(pairs[i], (part["expert_a"].to_numpy(), part["expert_b"].to_numpy()), part["count"].to_numpy())
+    return load, pairs, int(ld["top_k"].iloc[0])
