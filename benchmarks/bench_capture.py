@@ -49,11 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(3):  # warm-up
         step()
     plain, hooked, close_s, rows = [], [], [], 0
+    in_hooks = [0.0]  # seconds the training thread spends inside the capture hooks (exact added work)
+
+    def timed(fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                in_hooks[0] += time.perf_counter() - t0
+        return wrapper
+
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             plain += [step() for _ in range(args.block)]
             d = Path(tmp) / f"r{r}"
             cap = capture(model, d, optimizer=opt, flush_tokens=4096)
+            for name in ("_router_hook", "_model_pre", "_flush", "step"):
+                setattr(cap, name, timed(getattr(cap, name)))
             with cap:
                 hooked += [step() for _ in range(args.block)]
                 t0 = time.perf_counter()
@@ -62,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p, h = np.median(plain), np.median(hooked)
     overhead = h / p - 1
     mean_over = np.mean(hooked) / np.mean(plain) - 1
+    hook_ms = in_hooks[0] / len(hooked) * 1e3
+    hook_share = in_hooks[0] / len(hooked) / p
     text_md = f"""# Capture-hook overhead (CPU training step)
 
 Command: `python -m benchmarks.bench_capture --rounds {args.rounds} --block {args.block} --batch {args.batch} --seq-len {args.seq_len}`
@@ -78,8 +93,12 @@ Machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__v
 | with hook | {h * 1e3:.2f} | {np.mean(hooked) * 1e3:.2f} |
 | overhead | {overhead * 100:+.2f} % | {mean_over * 100:+.2f} % |
 
+Time the training thread spends inside the capture hooks (router hooks, step counting, batched host copy
+and hand-off; timed directly, so unaffected by the machine's noise): {hook_ms:.3f} ms per step =
+{hook_share * 100:.2f} % of the median plain step. The Parquet writing runs on the background thread.
+
 Rows captured: {rows}. Closing a capture (final flush + writer join + manifest), median: {np.median(close_s) * 1e3:.1f} ms
-(once per run, not per step). Target: overhead <= 5 %: {'met' if overhead <= 0.05 else 'NOT met'} (median).
+(once per run, not per step). Target: overhead <= 5 %: {'met' if max(overhead, hook_share) <= 0.05 else 'NOT met'} (median step and in-hook time).
 """
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
