@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             plain += [step() for _ in range(args.block)]
             d = Path(tmp) / f"r{r}"
-            cap = capture(model, d, optimizer=opt, flush_tokens=4096)
+            cap = capture(model, d, optimizer=opt)
             for name in ("_router_hook", "_model_pre", "_flush", "step"):
                 setattr(cap, name, timed(getattr(cap, name)))
             with cap:

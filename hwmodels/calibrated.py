@@ -141,8 +141,11 @@ def op_features(op: str, rows: pd.DataFrame) -> np.ndarray:
     if op == "gemm":
         cols = [m, n, k]
     elif op == "grouped_ffn":
-        active = np.array([max(int((np.asarray(v) > 0).sum()), 1) for v in rows["tokens_per_expert"]], dtype=float)
-        cols = [np.maximum(m, 1) / active, active, k, n]
+        tpe = [np.asarray(v, dtype=float) for v in rows["tokens_per_expert"]]
+        active = np.array([max(int((v > 0).sum()), 1) for v in tpe], dtype=float)
+        mean = np.maximum(m, 1) / active
+        skew = np.array([v.max() if v.size else 1.0 for v in tpe]) / mean  # max/mean load, >= 1
+        cols = [mean, active, k, n, np.exp(4 * np.maximum(skew, 1.0))]  # log -> 4*skew: spread like the others
     elif op == "router":
         cols = [m, k, n]
     elif op in ("permute", "unpermute"):
@@ -152,7 +155,8 @@ def op_features(op: str, rows: pd.DataFrame) -> np.ndarray:
     return np.log(np.maximum(np.stack(cols, axis=1), 1.0))
 
 
-FEATURE_NAMES = {"gemm": ("m", "n", "k"), "grouped_ffn": ("tokens per active expert", "active experts", "hidden", "intermediate"),
+FEATURE_NAMES = {"gemm": ("m", "n", "k"),
+                 "grouped_ffn": ("tokens per active expert", "active experts", "hidden", "intermediate", "exp(4 max/mean load)"),
                  "router": ("tokens", "hidden", "experts"), "permute": ("rows", "hidden"), "unpermute": ("rows", "hidden")}
 
 
@@ -230,14 +234,18 @@ class CalibratedCost:
     # -- construction
 
     @classmethod
-    def fit(cls, profile: Profile, *, mode: str = "auto", fold_permute: bool = True) -> "CalibratedCost":
-        """Fit every op the profile has."""
+    def fit(cls, profile: Profile, *, mode: str = "auto", fold_permute: bool = True,
+            stat: str = "median") -> "CalibratedCost":
+        """Fit every op the profile has to its ``stat`` time per shape (``median``, or ``min`` to estimate
+        the time free of interference from other processes)."""
+        if stat not in ("median", "min"):
+            raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
         b = DTYPE_BYTES[profile.dtype]
         fits, tables = {}, {}
         for op in sorted(set(profile.rows["op"])):
             rows = profile.op_rows(op)
             kern = op_kernels(op, rows, b)
-            t = rows["median_s"].to_numpy(dtype=float)
+            t = rows[f"{stat}_s"].to_numpy(dtype=float)
             fit = fit_op(op, kern, t)
             fits[op] = fit
             tables[op] = OpTable.build(op_features(op, rows), t / fit.predict(kern, len(rows)))
@@ -248,7 +256,7 @@ class CalibratedCost:
 
     @classmethod
     def from_profile(cls, profile_path: str | Path | None, device: Device | None = None, *,
-                     mode: str = "auto") -> "CalibratedCost":
+                     mode: str = "auto", stat: str = "median") -> "CalibratedCost":
         """Read a profile and fit; ``device`` (the simulated system's device) must be the profiled one."""
         if profile_path is None:
             raise ValueError("--cost calibrated needs --profile PATH: a profile written by 'moesim calibrate "
@@ -257,7 +265,7 @@ class CalibratedCost:
         if device is not None and not same_device(prof.device_name, device):
             raise ProfileError(f"{profile_path}: profile was measured on {prof.device_name!r} but the simulated "
                                f"device is {device.name!r}; calibrate on that device, or use --cost roofline")
-        return cls.fit(prof, mode=mode)
+        return cls.fit(prof, mode=mode, stat=stat)
 
     # -- helpers
 

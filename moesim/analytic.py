@@ -25,7 +25,7 @@ import pandas as pd
 from hwmodels.cost import DTYPE_BYTES, CostModel, RooflineCost
 from hwmodels.specs import System
 from hwmodels.topology import AllToAllRouting
-from moesim.study.fast_topology import sparse_all_to_all_routing
+from hwmodels.topology import all_to_all_routing
 from moesim.placement import Placement
 from moesim.sim import OP_COLUMNS, Result, Routed, SimOptions, SimulationError, _collect, aggregate, simulate
 from workloads.catalog import MoEModel
@@ -114,7 +114,7 @@ def estimate(system: System, model: MoEModel, placement: Placement, trace: Trace
     placement.check_fits(meta_t.num_layers, meta_t.num_experts, d_count)
     rng = np.random.default_rng(seed)
     routed = aggregate(trace, placement, d_count, options, rng)
-    a2a = a2a if a2a is not None else sparse_all_to_all_routing(system)
+    a2a = a2a if a2a is not None else all_to_all_routing(system)
     act_bytes = model.hidden_size * DTYPE_BYTES[options.dtype]
     gc = group_costs(system, model, routed, a2a, cost, options, act_bytes)
     ops, now = _timeline(routed, gc, progress)

@@ -201,16 +201,9 @@ def simulate(system: System, model: MoEModel, placement: Placement, trace: Trace
     placement.check_fits(meta_t.num_layers, meta_t.num_experts, d_count)
     rng = np.random.default_rng(seed)
     routed = aggregate(trace, placement, d_count, options, rng)
-    a2a = _sparse_a2a(system)
+    a2a = all_to_all_routing(system)
     act_bytes = model.hidden_size * DTYPE_BYTES[options.dtype]
     return _run_des(system, model, routed, a2a, cost, options, act_bytes, progress, trace)
-
-
-def _sparse_a2a(system: System) -> AllToAllRouting:
-    """The routes of :func:`hwmodels.topology.all_to_all_routing` with a sparse incidence matrix (same
-    numbers, tested equal; the dense one is 512 MiB and seconds to build at 256 devices)."""
-    from moesim.study.fast_topology import sparse_all_to_all_routing
-    return sparse_all_to_all_routing(system)
 
 
 def _run_des(system: System, model: MoEModel, routed: Routed, a2a: AllToAllRouting, cost: CostModel,

@@ -8,8 +8,7 @@ from hwmodels.specs import load_system
 from moesim.analytic import ENGINES, estimate
 from moesim.placement import contiguous
 from moesim.sim import SimOptions, simulate
-from moesim.study.fast_topology import sparse_all_to_all_routing
-from hwmodels.topology import all_to_all_routing
+from hwmodels.topology import all_to_all_routing, all_to_all_routing_by_paths
 from workloads.catalog import get_model
 from workloads.importers import load_trace
 
@@ -57,7 +56,7 @@ def test_analytic_is_upper_bound_with_overlap(trace):
 def test_sparse_all_to_all_equals_dense():
     for nodes in (1, 3):
         system = load_system("dgx-h100").with_nodes(nodes)
-        dense, sp = all_to_all_routing(system), sparse_all_to_all_routing(system)
+        dense, sp = all_to_all_routing_by_paths(system), all_to_all_routing(system)
         assert dense.edge_names == sp.edge_names and dense.edge_kinds == sp.edge_kinds
         np.testing.assert_array_equal(dense.incidence, sp.incidence.toarray())
         np.testing.assert_array_equal(dense.pair_latency_s, sp.pair_latency_s)

@@ -13,8 +13,8 @@ def cpu_profile(tmp_path_factory):
     from moesim.calibrate.bench import run_suite
     from moesim.calibrate.grids import make_grid
 
-    # one thread: robust to other processes sharing the 2 CI cores; 15 interleaved samples, median kept
-    rows, meta = run_suite(make_grid("small"), device="cpu", dtype="fp32", threads=1, repeats=15, seed=0)
+    # one thread: robust to other processes sharing the 2 CI cores; 25 interleaved samples, median kept
+    rows, meta = run_suite(make_grid("small"), device="cpu", dtype="fp32", threads=1, repeats=25, seed=0)
     path = write_profile(rows, meta, tmp_path_factory.mktemp("prof") / "cpu-small.parquet")
     return read_profile(path)
 

@@ -248,7 +248,7 @@ def test_disk_full_mid_run_keeps_training_and_earlier_shards(tmp_path, monkeypat
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
     assert len(losses) == 6 and all(np.isfinite(losses))  # training ran to the end
     assert isinstance(cap.error, OSError)
     man = read_manifest(tmp_path / "d")

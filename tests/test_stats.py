@@ -82,3 +82,13 @@ def test_trace_stats_figures(tmp_path):
     np.testing.assert_allclose(z, [[1.5, 1.5, 0.5, 0.5], [0.5, 0.5, 1.5, 1.5]])
     out = write_report(tmp_path / "r.html", "stats", figs)
     assert out.stat().st_size > 100_000  # plotly.js embedded
+
+
+def test_trace_stats_cli(capsys):
+    from moesim.cli import main
+
+    assert main(["trace-stats", "default"]) == 0
+    out = capsys.readouterr().out
+    assert "flame-moe-290m: 2048 tokens, 8 layers, 64 experts, top-6" in out and "1.865" in out
+    assert main(["trace-stats", "/nonexistent/x.parquet"]) == 2
+    assert "no trace named or found" in capsys.readouterr().err

@@ -70,3 +70,16 @@ def test_olmoe_paper_stats():
     assert max(fitted_tvd) <= 0.05 < min(uni_tvd)
     with pytest.raises(ValueError, match="no OLMoE-paper load rows"):
         synth.load_olmoe_stats(shared, "OLMoE", "klingon")
+
+
+def test_synth_cli(tmp_path, capsys):
+    from moesim.cli import main
+    from workloads.trace import read_parquet
+
+    out = tmp_path / "s.parquet"
+    assert main(["synth", "--fit", "default", "--out", str(out), "--tokens", "128", "--experts", "32",
+                 "--top-k", "4", "--layers", "3"]) == 0
+    t = read_parquet(out)
+    assert (t.meta.num_experts, t.meta.top_k, t.meta.num_layers, t.num_tokens) == (32, 4, 3, 128)
+    assert main(["synth", "--fit", "default"]) == 2
+    assert "give --out" in capsys.readouterr().err

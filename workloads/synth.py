@@ -9,15 +9,17 @@ The model (:class:`SynthModel`) has three parts, all measured on the real trace:
    of the same sequence.
 
 Generation (:func:`generate`) walks tokens of ``seq_len``-long sequences in order and layers in order. At
-layer l a token's score for expert j is ``log c[l, j] + log mean_{i in S(l-1)} P(j | i) + log b[l] *
-[j in S_prev(l)] + Gumbel``; its k largest scores are its experts in rank order (Gumbel top-k = sampling
-without replacement). ``c`` (per-expert correction) and ``b`` (reuse boost) are calibrated by a short
-Monte-Carlo fixed point so that the generated load and locality match the targets (sampling without
-replacement and the affinity mixture otherwise distort the marginals).
+layer l a token's score for expert j is ``log c[l, j] + sum_{i in S(l-1)} log(P(j | i) / P(j)) + log b[l] *
+[j in S_prev(l)] + Gumbel`` (S(l-1): the token's experts one layer up; S_prev(l): the previous token's
+experts at layer l); its k largest scores are its experts in rank order (Gumbel top-k = sampling without
+replacement). ``c`` (per-expert correction) and ``b`` (reuse boost) are calibrated by a short Monte-Carlo
+fixed point so that the generated load and locality match the targets (sampling without replacement and
+the affinity terms otherwise distort the marginals).
 
 Other shapes: experts are mapped block-wise (E' > E: each fitted expert's load and affinity is split
 evenly over E'/E new experts; E' < E: neighbouring experts are merged), layers by nearest fitted layer
-(skipped layers compose their affinity matrices as a Markov chain), locality keeps its lift over
+(skipped layers compose their affinity matrices as a Markov chain; layers repeated from one fitted layer
+reuse that layer's affinity lift to the next), locality keeps its lift over
 random (locality / (k/E)), gate weights follow the fitted mean weight per rank (interpolated for k').
 
 Baselines :func:`uniform_trace` and :func:`zipf_trace` (the usual assumptions of other simulators) are
@@ -59,12 +61,12 @@ class SynthModel:
 
 
 def fit(trace: Trace, *, smoothing: float | None = None) -> SynthModel:
-    """Fit a :class:`SynthModel` to ``trace``. ``smoothing``: pseudo-pairs per affinity row (default E),
+    """Fit a :class:`SynthModel` to ``trace``. ``smoothing``: pseudo-pairs per affinity row (default 4 E),
     shrinking rows seen rarely toward the next layer's load (reduces over-fitting on short traces)."""
     m = trace.meta
     if m.extra.get("variable_k"):
         raise ValueError("fit: variable-k traces are not supported (the generator draws a fixed top-k)")
-    sm = float(m.num_experts if smoothing is None else smoothing)
+    sm = float(4 * m.num_experts if smoothing is None else smoothing)
     if sm < 0:
         raise ValueError(f"fit: smoothing must be >= 0, got {smoothing}")
     load = stats.load_fraction(trace)
@@ -124,7 +126,8 @@ def _expert_map(e_from: int, e_to: int) -> np.ndarray:
 
 
 def _reshape(model: SynthModel, e: int, k: int, n_l: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Targets for the new shape: load [n_l, e], transitions [n_l-1, e, e], locality [n_l], weights [n_l, k]."""
+    """Targets for the new shape: load [n_l, e], affinity PMI log P(j|i)/P(j) [n_l-1, e, e], locality [n_l],
+    weights [n_l, k]."""
     src_l = np.zeros(n_l, dtype=int) if n_l == 1 else np.rint(np.arange(n_l) * (model.num_layers - 1) / (n_l - 1)).astype(int)
     emap = _expert_map(model.num_experts, e)
     load = model.load[src_l] @ emap
@@ -141,12 +144,14 @@ def _reshape(model: SynthModel, e: int, k: int, n_l: int) -> tuple[np.ndarray, n
             t = model.affinity[min(a, model.num_layers - 2)]
         joint = emap.T @ (model.load[a][:, None] * t) @ emap
         rows = joint.sum(axis=1, keepdims=True)
-        p = np.where(rows > 0, joint / np.where(rows > 0, rows, 1), load[lp + 1][None, :])
-        # P(j|i) counts all k x k pairs, so a token's k-1 other experts dilute it; the sampler mixes the
-        # rows of all k chosen experts, so undo the dilution: T = f + k (P - f), clipped and renormalised.
-        f = load[lp + 1][None, :]
-        sharp = np.clip(f + k * (p - f), 0.0, None)
-        trans[lp] = sharp / np.where(sharp.sum(axis=1, keepdims=True) > 0, sharp.sum(axis=1, keepdims=True), 1)
+        col = joint.sum(axis=0)
+        col = col / col.sum()
+        p = np.where(rows > 0, joint / np.where(rows > 0, rows, 1), col[None, :])
+        # pointwise mutual information log P(j | i) / P(j) of the pair the transition came from (a lift, so it
+        # can be reused between layers of other loads; calibration matches the loads). The sampler adds it up
+        # over the token's k experts at the previous layer (a product of experts; a plain mixture of the k
+        # rows would dilute the affinity k-fold).
+        trans[lp] = np.log(np.clip(p, 1e-9, None) / np.clip(col[None, :], 1e-9, None))
     lift = model.locality[src_l] / (model.top_k / model.num_experts)
     loc = np.clip(lift * k / e, 0.0, 1.0)
     xs = np.linspace(0, 1, model.top_k) if model.top_k > 1 else np.zeros(1)
@@ -161,18 +166,21 @@ def _run(logc: np.ndarray, logb: np.ndarray, trans: np.ndarray, k: int, n_seq: i
          rng: np.random.Generator) -> np.ndarray:
     """Sample experts [n_seq * seq_len, L, k] (rank order); tokens ordered sequence-major."""
     n_l, e = logc.shape
+    logc = logc.astype(np.float32)
+    trans = trans.astype(np.float32)
     out = np.zeros((n_seq, seq_len, n_l, k), dtype=np.int32)
     rows = np.arange(n_seq)[:, None]
     for p in range(seq_len):
         prev_sel = None
         for layer in range(n_l):
             score = np.broadcast_to(logc[layer], (n_seq, e)).copy()
-            if layer > 0:
-                mix = trans[layer - 1][prev_sel].mean(axis=1)
-                score += np.log(mix + 1e-12)
+            if layer > 0:  # sum of the PMI rows of the token's experts one layer up
+                tl = trans[layer - 1]
+                for j in range(prev_sel.shape[1]):
+                    score += tl[prev_sel[:, j]]
             if p > 0 and logb[layer] != 0:
                 score[rows, out[:, p - 1, layer]] += logb[layer]
-            score += rng.gumbel(size=(n_seq, e))
+            score -= np.log(-np.log(rng.random((n_seq, e), dtype=np.float32) + np.float32(1e-12)))  # Gumbel
             part = np.argpartition(-score, k - 1, axis=1)[:, :k]
             order = np.argsort(-np.take_along_axis(score, part, axis=1), axis=1)
             sel = np.take_along_axis(part, order, axis=1)
@@ -213,7 +221,7 @@ def calibrate(model: SynthModel, num_experts: int, top_k: int, num_layers: int, 
     logc = np.log(target)
     base = top_k / num_experts
     logb = np.log(np.clip(loc / base, 1.0, 50.0))
-    seq_len = max(2, min(model.seq_len, 64))
+    seq_len = max(2, min(model.seq_len, 16))  # short sequences: fewer Python steps, same statistics
     for it in range(iterations):
         n_tok = tokens if it < iterations - 4 else tokens * 2
         n_seq = max(1, n_tok // seq_len)

@@ -78,7 +78,7 @@ def make_grid(name: str, *, on_gpu: bool = False) -> list[dict]:
         ffn = [(t, h, f, e, k, d) for (h, f, e, k) in shapes for t in tokens for d in dists]
         router = [(t, h, e, k) for t in (64, 256, 1024, 2048, 4096) for (h, e, k) in ((1024, 64, 6), (512, 16, 2))]
         perm = [(t, h, k) for t in (64, 256, 1024, 2048, 4096) for (h, k) in ((1024, 6), (512, 2))]
-        copies = [2**p for p in range(12, 29 if full else 27, 2)]
+        copies = [2**p for p in range(12, 29 if full else 27)]
     for m in gemm_m:
         for n, k in gemm_nk:
             specs.append({"op": "gemm", "m": m, "n": n, "k": k, "shape": f"m={m},n={n},k={k}"})

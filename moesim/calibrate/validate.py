@@ -32,8 +32,13 @@ def split_holdout(profile: Profile, fraction: float = 0.3, seed: int = 0) -> np.
     for op in sorted(set(profile.rows["op"])):
         idx = np.flatnonzero(profile.rows["op"].to_numpy() == op)
         feats = op_features(op, profile.rows.iloc[idx])
-        interior = np.all((feats > feats.min(axis=0)) | (feats.min(axis=0) == feats.max(axis=0)), axis=1) & \
-            np.all((feats < feats.max(axis=0)) | (feats.min(axis=0) == feats.max(axis=0)), axis=1)
+        # a value at a feature's min or max is kept for training unless another shape shares it
+        interior = np.ones(len(idx), dtype=bool)
+        for j in range(feats.shape[1]):
+            col = feats[:, j]
+            extreme = (col == col.min()) | (col == col.max())
+            shared = np.array([(col == v).sum() > 1 for v in col])
+            interior &= ~extreme | shared
         cand = idx[interior]
         n = int(round(fraction * len(idx)))
         n = min(n, len(cand), len(idx) - 2)
@@ -42,7 +47,7 @@ def split_holdout(profile: Profile, fraction: float = 0.3, seed: int = 0) -> np.
     return held
 
 
-def holdout(profile: Profile, fraction: float = 0.3, seed: int = 0) -> pd.DataFrame:
+def holdout(profile: Profile, fraction: float = 0.3, seed: int = 0, stat: str = "median") -> pd.DataFrame:
     """Fit on the training shapes, predict the held-out ones.
 
     Returns a DataFrame: op, shape, dist, measured_s, roofline_s, table_s, roofline_err_pct, table_err_pct
@@ -50,13 +55,13 @@ def holdout(profile: Profile, fraction: float = 0.3, seed: int = 0) -> pd.DataFr
     """
     held = split_holdout(profile, fraction, seed)
     train, test = profile.select(~held), profile.select(held)
-    roof = CalibratedCost.fit(train, mode="roofline", fold_permute=False)
-    table = CalibratedCost.fit(train, mode="auto", fold_permute=False)
+    roof = CalibratedCost.fit(train, mode="roofline", fold_permute=False, stat=stat)
+    table = CalibratedCost.fit(train, mode="auto", fold_permute=False, stat=stat)
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
         for row in test.rows.to_dict("records"):
-            meas = float(row["median_s"])
+            meas = float(row[f"{stat}_s"])
             r, t = roof.predict_row(row["op"], row), table.predict_row(row["op"], row)
             out.append({"op": row["op"], "shape": row["shape"], "dist": row["dist"], "measured_s": meas,
                         "roofline_s": r, "table_s": t, "roofline_err_pct": (r / meas - 1) * 100,

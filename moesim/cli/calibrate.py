@@ -30,6 +30,12 @@ def register(sub) -> None:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--published", action="store_true", help="also check the spec roofline against published "
                    "DeepGEMM / DeepEP figures (hwmodels/published/kernels.toml)")
+    v.add_argument("--e2e", action="store_true", help="also time a Mixtral-style MoE layer stack on this CPU "
+                   "(replaying FLAME routing) and compare each layer with the simulator (needs torch, a CPU profile)")
+    v.add_argument("--e2e-tokens", type=int, default=1024)
+    v.add_argument("--e2e-layers", type=int, default=8)
+    v.add_argument("--stat", choices=["median", "min"], default="median",
+                   help="per-shape time the model is fitted to (min: free of interference from other processes)")
     v.add_argument("--out", default=None, help="output directory (default: <profile>-validation or validation)")
     v.set_defaults(func=run_validate)
 
@@ -113,7 +119,7 @@ def run_validate(args) -> int:
     pred = mape = pub = prof = None
     if args.profile is not None:
         prof = read_profile(args.profile)
-        pred = holdout(prof, args.holdout, args.seed)
+        pred = holdout(prof, args.holdout, args.seed, stat=args.stat)
         if pred.empty:
             raise ValueError(f"{args.profile}: too few shapes per op to hold any out (need >= 3 interior shapes)")
         mape = mape_table(pred)
@@ -131,6 +137,20 @@ def run_validate(args) -> int:
         for r in pub.to_dict("records"):
             print(f"  {r['check']:48s} published {r['published']:8.1f} {r['unit']:6s} predicted {r['predicted']:8.1f} "
                   f"error {r['error_pct']:+6.1f}%")
-    path = write_validation_report(out / "validation.html", prof, pred, mape, pub)
+    e2e = None
+    if args.e2e:
+        if args.profile is None:
+            raise ValueError("--e2e needs a CPU profile")
+        from moesim.calibrate.e2e import e2e_check
+
+        e2e = e2e_check(args.profile, tokens=args.e2e_tokens, num_layers=args.e2e_layers, stat=args.stat)
+        e2e.to_csv(out / "e2e.csv", index=False)
+        print(f"end to end ({args.e2e_tokens} FLAME tokens, {args.stat} of 5 passes): measured vs simulated per layer")
+        for r in e2e.to_dict("records"):
+            print(f"  layer {r['layer']}: measured {r['measured_s'] * 1e3:8.2f} ms  simulated "
+                  f"{r['predicted_s'] * 1e3:8.2f} ms  error {r['error_pct']:+6.1f}%")
+        for w in e2e.attrs.get("warnings", []):
+            print(f"  warning: {w}")
+    path = write_validation_report(out / "validation.html", prof, pred, mape, pub, e2e)
     print(f"  wrote {path} and CSV tables in {out}/")
     return 0

@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="expert slots per GPU (memory capacity); default: the minimum that fits")
     p.add_argument("--time-limit", default="30s", help="wall-time limit of the solve, e.g. 30s, 500ms")
     p.add_argument("--workers", type=int, default=None, help="CP-SAT threads in total (default: all cores)")
-    p.add_argument("--scenarios", type=int, default=16,
+    p.add_argument("--scenarios", type=int, default=32,
                    help="bootstrap scenarios for the robust balance objective (0: nominal load only)")
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="joint: allowed relative loss in the balance objective when reducing traffic")
@@ -37,6 +37,8 @@ def register(sub) -> None:
                    help="fit every method on the first part, replay the rest through the simulator, print a table")
     p.add_argument("--methods", default=",".join(METHOD_NAMES), help="--compare: comma-separated methods")
     p.add_argument("--report", default=None, help="--compare: HTML report path (default: <out stem>.html)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="reproducible solves: --time-limit counts CP-SAT deterministic time, not wall seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="placement.json", help="placement JSON to write")
     p.set_defaults(func=run)
@@ -91,7 +93,8 @@ def run(args) -> int:
     if args.max_moves is not None and current is None:
         current = BASELINES["contiguous"](problem, rng)
     solve_kw = dict(time_limit_s=time_limit_s, num_workers=args.workers, current=current, max_moves=args.max_moves,
-                    balance_tolerance=args.tolerance, seed=args.seed)
+                    balance_tolerance=args.tolerance, seed=args.seed,
+                    deterministic=args.deterministic)
     context = {"trace": f"{args.trace} ({trace.meta.model}, {trace.num_tokens} tokens, {trace.meta.num_layers} MoE "
                         f"layers, top-{trace.meta.top_k} of {trace.meta.num_experts})",
                "system": f"{system.name}: {system.num_devices} x {system.device.name} in {system.num_nodes} node(s)",

@@ -98,40 +98,52 @@ def _share_scale(counts: np.ndarray) -> int:
 def _solve_layer(problem: PlacementProblem, layer: int, counts: np.ndarray, hint: np.ndarray, stage: str,
                  time_limit_s: float, num_workers: int, seed: int, traffic_cost: np.ndarray | None = None,
                  max_load: int | None = None, current: np.ndarray | None = None,
-                 max_moves: int | None = None) -> tuple[np.ndarray, LayerSolve, int]:
+                 max_moves: int | None = None, deterministic: bool = False,
+                 deadline_at_s: float | None = None) -> tuple[np.ndarray, LayerSolve, int]:
     """One layer's model. counts [E], hint/current [E, D] 0/1, traffic_cost [E, D] (cost of a copy of
     e on GPU d, float). Returns (assign [E, D] int8, report, best max-load in scaled units)."""
     e_count, d_count, spd = problem.num_experts, problem.num_devices, problem.slots_per_device
+    if deadline_at_s is not None and not deterministic:  # never run past the stage's deadline
+        time_limit_s = min(time_limit_s, deadline_at_s - time.perf_counter())
     loads = [problem.load[layer]]
     if problem.scenarios is not None:
         loads += [sc[layer] for sc in problem.scenarios]
     if stage == "balance" and d_count > 1:  # sharpen the greedy warm start with swap local search
         shares = np.stack([ld / counts for ld in loads])
-        hint = improve_layer(np.asarray(hint, dtype=np.int8), shares, spd, 0.25 * time_limit_s)
+        hint = improve_layer(np.asarray(hint, dtype=np.int8), shares, spd,
+                             np.inf if deterministic else 0.25 * time_limit_s,
+                             max_swaps=5000 if deterministic else None)
         if current is not None and max_moves is not None and int((hint * (1 - current)).sum()) > max_moves:
             hint = np.asarray(current, dtype=np.int8) if np.all(current.sum(axis=1) == counts) else hint
         time_limit_s *= 0.75
     scale = _share_scale(counts)
     ws = [np.rint(ld.astype(float) * scale / counts).astype(np.int64) for ld in loads]
+    if deadline_at_s is not None and not deterministic and deadline_at_s - time.perf_counter() < 0.05:
+        return _keep_hint(layer, stage, hint, ws, scale, counts, spd, traffic_cost, max_load, current, max_moves,
+                          0.0, "time-out")
     m = cp_model.CpModel()
     x = [[m.NewBoolVar(f"x{e}_{d}") for d in range(d_count)] for e in range(e_count)]
+    lin = cp_model.LinearExpr
+    cols = [[x[e][d] for e in range(e_count)] for d in range(d_count)]
     for e in range(e_count):
-        m.Add(sum(x[e]) == int(counts[e]))
+        m.Add(lin.sum(x[e]) == int(counts[e]))
     for d in range(d_count):
-        m.Add(sum(x[e][d] for e in range(e_count)) <= spd)
+        m.Add(lin.sum(cols[d]) <= spd)
     mxs = []
     for s_i, w in enumerate(ws):  # max GPU load of the nominal load and of each scenario
         mx = m.NewIntVar(0, int(w.sum()), f"max_load{s_i}")
+        nz = np.flatnonzero(w)
+        coeffs = [int(c) for c in w[nz]]
         for d in range(d_count):
-            m.Add(sum(int(w[e]) * x[e][d] for e in range(e_count) if w[e]) <= mx)
+            m.Add(lin.weighted_sum([cols[d][e] for e in nz], coeffs) <= mx)
         m.Add(mx >= -(-int(w.sum()) // d_count))  # average-load cut
         m.Add(mx >= int(w.max(initial=0)))
         mxs.append(mx)
-    total_mx = sum(mxs)
+    total_mx = lin.sum(mxs)
     if max_load is not None:
         m.Add(total_mx <= int(max_load))
     if current is not None and max_moves is not None:
-        m.Add(sum(x[e][d] for e in range(e_count) for d in range(d_count) if not current[e, d]) <= int(max_moves))
+        m.Add(lin.sum([x[e][d] for e, d in zip(*np.nonzero(current == 0))]) <= int(max_moves))
     for e in range(e_count):
         for d in range(d_count):
             m.AddHint(x[e][d], bool(hint[e, d]))
@@ -140,38 +152,65 @@ def _solve_layer(problem: PlacementProblem, layer: int, counts: np.ndarray, hint
         unit = scale * len(ws)  # objective: mean over nominal + scenarios of the max GPU load, in tokens
     else:
         tc = np.rint(traffic_cost * TRAFFIC_SCALE).astype(np.int64)
-        m.Minimize(sum(int(tc[e, d]) * x[e][d] for e in range(e_count) for d in range(d_count) if tc[e, d]))
+        ei, di = np.nonzero(tc)
+        m.Minimize(lin.weighted_sum([x[e][d] for e, d in zip(ei, di)], [int(c) for c in tc[ei, di]]))
         unit = TRAFFIC_SCALE
     solver = cp_model.CpSolver()
+    if deadline_at_s is not None and not deterministic:  # model building took some of the time
+        time_limit_s = min(time_limit_s, deadline_at_s - time.perf_counter())
     solver.parameters.max_time_in_seconds = max(0.05, float(time_limit_s))
     solver.parameters.num_workers = max(1, int(num_workers))
     solver.parameters.random_seed = int(seed)
+    if deterministic:  # reproducible: deterministic time instead of wall time, interleaved workers
+        solver.parameters.max_time_in_seconds = 1e9
+        solver.parameters.max_deterministic_time = max(0.05, float(time_limit_s))
+        solver.parameters.interleave_search = True
     t0 = time.perf_counter()
     status = solver.Solve(m)
     wall_s = time.perf_counter() - t0
+    bound = solver.BestObjectiveBound() / unit
+    if stage == "balance":  # the cuts above are a valid bound even when presolve did not finish
+        bound = max(bound, sum(max(-(-int(w.sum()) // d_count), int(w.max(initial=0))) for w in ws) / unit)
+    else:
+        bound = max(bound, 0.0)
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         assign = np.array([[solver.Value(x[e][d]) for d in range(d_count)] for e in range(e_count)], dtype=np.int8)
         rep = LayerSolve(layer=layer, stage=stage, status=_STATUS[status], objective=solver.ObjectiveValue() / unit,
-                         bound=solver.BestObjectiveBound() / unit, wall_s=wall_s)
+                         bound=min(bound, solver.ObjectiveValue() / unit), wall_s=wall_s)
         return assign, rep, int(sum(solver.Value(v) for v in mxs))
-    # no solution within the time limit: keep the warm start when it satisfies every constraint
+    if status == cp_model.INFEASIBLE:
+        raise PlacementError(f"layer {layer} ({stage}): infeasible: "
+                             + ("the migration cap is too small for these replica counts" if max_moves is not None
+                                else "no placement satisfies the constraints"))
+    return _keep_hint(layer, stage, hint, ws, scale, counts, spd, traffic_cost, max_load, current, max_moves, wall_s,
+                      "warm-start", bound)
+
+
+def _keep_hint(layer, stage, hint, ws, scale, counts, spd, traffic_cost, max_load, current, max_moves, wall_s,
+               status, bound=None):
+    """No CP-SAT solution in time: keep the warm start when it satisfies every constraint."""
     hint = np.asarray(hint, dtype=np.int8)
     hint_mx = int(sum((w[:, None] * hint).sum(axis=0).max() for w in ws))
     ok = (np.all(hint.sum(axis=1) == counts) and np.all(hint.sum(axis=0) <= spd)
           and (max_load is None or hint_mx <= max_load)
           and (current is None or max_moves is None or int((hint * (1 - current)).sum()) <= max_moves))
-    if status == cp_model.INFEASIBLE or not ok:
+    if not ok:
         why = "the migration cap is too small for these replica counts" if max_moves is not None else \
             "no feasible placement"
-        raise PlacementError(f"layer {layer} ({stage}): CP-SAT found no solution ({_STATUS.get(status, status)}) "
-                             f"within {time_limit_s:.2f} s: {why}")
+        raise PlacementError(f"layer {layer} ({stage}): CP-SAT found no solution within the time limit and the "
+                             f"warm start violates a constraint ({why}); raise --time-limit")
+    d_count = hint.shape[1]
     if stage == "balance":
+        unit = scale * len(ws)
         obj = hint_mx / unit
+        lb = sum(max(-(-int(w.sum()) // d_count), int(w.max(initial=0))) for w in ws) / unit
     else:
+        unit = TRAFFIC_SCALE
         obj = float((np.rint(traffic_cost * TRAFFIC_SCALE) * hint).sum()) / unit
-    rep = LayerSolve(layer=layer, stage=stage, status="warm-start", objective=obj,
-                     bound=solver.BestObjectiveBound() / unit, wall_s=wall_s)
-    return hint.copy(), rep, hint_mx
+        lb = 0.0
+    bound = lb if bound is None else max(bound, lb)
+    return hint.copy(), LayerSolve(layer=layer, stage=stage, status=status, objective=obj, bound=min(bound, obj),
+                                   wall_s=wall_s), hint_mx
 
 
 def traffic_cost_matrix(problem: PlacementProblem, layer: int, assign: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -210,10 +249,13 @@ def default_workers() -> int:
 
 def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30.0, num_workers: int | None = None,
           current: Placement | None = None, max_moves: int | None = None, balance_tolerance: float = 0.0,
-          sweeps: int = 1, seed: int = 0,
+          sweeps: int = 1, seed: int = 0, deterministic: bool = False,
           progress: Callable[[int, int], None] | None = None) -> tuple[Placement, SolveReport]:
     """Solve ``objective`` (balance | traffic | joint) within about ``time_limit_s`` seconds of wall
-    time on ``num_workers`` threads (default: all cores). Returns the placement and a report."""
+    time on ``num_workers`` threads (default: all cores). Returns the placement and a report.
+
+    ``deterministic``: reproducible runs (CP-SAT deterministic time units instead of wall seconds,
+    interleaved search, a swap cap in the local search); the wall time may then differ from the limit."""
     if objective not in OBJECTIVES:
         raise PlacementError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
     if time_limit_s <= 0:
@@ -244,8 +286,9 @@ def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30
     def run_wave(layers: list[int], stage: str, budget_s: float, fn) -> None:
         waves = -(-len(layers) // parallel)
         limit = budget_s * safety / max(waves, 1)
+        deadline = time.perf_counter() + budget_s * safety
         with ThreadPoolExecutor(max_workers=parallel) as ex:
-            for layer, (a, rep, mx) in zip(layers, ex.map(lambda l: fn(l, limit), layers)):
+            for layer, (a, rep, mx) in zip(layers, ex.map(lambda l: fn(l, limit, deadline), layers)):
                 fn.result(layer, a, rep, mx)
                 report.solves.append(rep)
                 total[0] += 1
@@ -258,9 +301,10 @@ def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30
     if "balance" in stages:
         class Bal:
             @staticmethod
-            def __call__(layer, limit):
+            def __call__(layer, limit, deadline):
                 return _solve_layer(p, layer, counts[layer], hint[layer], "balance", limit, per_solve_workers, seed,
-                                    current=None if cur is None else cur[layer], max_moves=max_moves)
+                                    current=None if cur is None else cur[layer], max_moves=max_moves,
+                                    deterministic=deterministic, deadline_at_s=deadline)
 
             @staticmethod
             def result(layer, a, rep, mx):
@@ -276,11 +320,12 @@ def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30
 
         class Tra:
             @staticmethod
-            def __call__(layer, limit):
+            def __call__(layer, limit, deadline):
                 tc = traffic_cost_matrix(p, layer, assign, counts)
                 return _solve_layer(p, layer, counts[layer], assign[layer], "traffic", limit, per_solve_workers,
                                     seed, traffic_cost=tc, max_load=None if cap is None else cap[layer],
-                                    current=None if cur is None else cur[layer], max_moves=max_moves)
+                                    current=None if cur is None else cur[layer], max_moves=max_moves,
+                                    deterministic=deterministic, deadline_at_s=deadline)
 
             @staticmethod
             def result(layer, a, rep, mx):

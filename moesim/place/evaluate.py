@@ -78,7 +78,8 @@ def evaluate(placement: Placement, trace, system, model, heldout_problem: Placem
         "cross_node_bytes": cross_node / 2.0,
         "layer_time_s": float(res.layer_time_s.mean()),
         "total_time_s": float(res.total_time_s),
-        "replicas": int(placement.replica_count.sum() - placement.num_layers * placement.num_experts),
+        "replicas": int(placement.replica_count.sum() - placement.num_layers * placement.num_experts)
+        // placement.num_layers,  # per layer
     }
     if heldout_problem is not None:
         g, n = affinity_crossings(heldout_problem, placement)

@@ -14,8 +14,10 @@ import time
 import numpy as np
 
 
-def improve_layer(assign: np.ndarray, shares: np.ndarray, slots_per_device: int, deadline_s: float) -> np.ndarray:
+def improve_layer(assign: np.ndarray, shares: np.ndarray, slots_per_device: int, deadline_s: float,
+                  max_swaps: int | None = None) -> np.ndarray:
     """assign [E, D] 0/1, shares [S, E] (tokens per copy of each expert, per scenario).
+    Stops after ``deadline_s`` seconds or ``max_swaps`` swaps (the latter makes it deterministic).
     Returns an assignment [E, D] with the same copies per expert and an objective <= the input's."""
     e_count, d_count = assign.shape
     if d_count < 2:
@@ -32,7 +34,8 @@ def improve_layer(assign: np.ndarray, shares: np.ndarray, slots_per_device: int,
     np.add.at(load.T, dev, w)
     t_end = time.perf_counter() + deadline_s
     rows = np.arange(s_count)
-    while time.perf_counter() < t_end:
+    swaps = 0
+    while time.perf_counter() < t_end and (max_swaps is None or swaps < max_swaps):
         f = load.max(axis=1).sum()
         hot = np.bincount(load.argmax(axis=1), minlength=d_count).argmax()
         cands = np.flatnonzero((dev == hot) & (expert >= 0))
@@ -69,6 +72,7 @@ def improve_layer(assign: np.ndarray, shares: np.ndarray, slots_per_device: int,
                     has[expert[jj], bb], has[expert[jj], a] = False, True
                 dev[i], dev[jj] = bb, a
                 improved = True
+                swaps += 1
                 break
             if time.perf_counter() >= t_end:
                 break

@@ -45,7 +45,8 @@ class PlacementProblem:
         validate_shape(self.load.shape[1], self.num_devices, self.slots_per_device, self.num_replicas)
         if self.num_devices % self.devices_per_node:
             raise PlacementError(f"{self.num_devices} GPUs do not divide into nodes of {self.devices_per_node}")
-        if self.affinity is not None and self.affinity.shape != (self.num_layers - 1, self.num_experts, self.num_experts):
+        want = (self.num_layers - 1, self.num_experts, self.num_experts)
+        if self.affinity is not None and self.affinity.shape != want:
             raise PlacementError(f"affinity must be [layers-1, experts, experts], got {self.affinity.shape}")
         if self.scenarios is not None and self.scenarios.shape[1:] != self.load.shape:
             raise PlacementError(f"scenarios must be [S, layers, experts], got {self.scenarios.shape}")
@@ -108,20 +109,20 @@ def affinity_from_choices(layer: np.ndarray, token: np.ndarray, expert: np.ndarr
     out = np.zeros((max(num_layers - 1, 0), num_experts, num_experts), dtype=np.int64)
     if num_layers < 2:
         return out
-    order = np.lexsort((layer, token))
-    layer, token, expert = layer[order], token[order], expert[order]
     uniq, inv = np.unique(token, return_inverse=True)
+    by_layer = np.argsort(layer, kind="stable")
+    bounds = np.searchsorted(layer[by_layer], np.arange(num_layers + 1))
     for l_i in range(num_layers - 1):
-        a = layer == l_i
-        b = layer == l_i + 1
+        a = by_layer[bounds[l_i]:bounds[l_i + 1]]
+        b = by_layer[bounds[l_i + 1]:bounds[l_i + 2]]
         # one-hot [tokens, experts] per layer (sparse via bincount on pairs)
         ta, ea = inv[a], expert[a]
         tb, eb = inv[b], expert[b]
-        ma = np.zeros((len(uniq), num_experts), dtype=np.int32)
-        mb = np.zeros((len(uniq), num_experts), dtype=np.int32)
-        np.add.at(ma, (ta, ea), 1)
-        np.add.at(mb, (tb, eb), 1)
-        out[l_i] = ma.T.astype(np.int64) @ mb.astype(np.int64)
+        ma = np.zeros((len(uniq), num_experts))
+        mb = np.zeros((len(uniq), num_experts))
+        np.add.at(ma, (ta, ea), 1.0)
+        np.add.at(mb, (tb, eb), 1.0)
+        out[l_i] = np.rint(ma.T @ mb).astype(np.int64)  # float BLAS product: exact for counts < 2**53
     return out
 
 

@@ -43,8 +43,8 @@ def _system(name: str, nodes: int):
 
 @lru_cache(maxsize=16)
 def _a2a(name: str, nodes: int):
-    from moesim.study.fast_topology import sparse_all_to_all_routing
-    return sparse_all_to_all_routing(_system(name, nodes))
+    from hwmodels.topology import all_to_all_routing
+    return all_to_all_routing(_system(name, nodes))
 
 
 @lru_cache(maxsize=8)
