@@ -18,7 +18,8 @@ from moesim.placement import Placement, PlacementError
 from moesim.sim import Result
 
 
-def write_run(result: Result, out_dir: str | Path, expert_load: np.ndarray) -> Path:
+def write_run(result: Result, out_dir: str | Path, expert_load: np.ndarray, extra: dict | None = None) -> Path:
+    """Write a run directory; ``extra`` (e.g. the trace spec) is merged into summary.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result.ops.to_parquet(out / "ops.parquet", index=False)
@@ -26,7 +27,7 @@ def write_run(result: Result, out_dir: str | Path, expert_load: np.ndarray) -> P
     result.tokens.to_parquet(out / "tokens.parquet", index=False)
     np.save(out / "device_tokens.npy", result.device_tokens)
     np.save(out / "expert_load.npy", expert_load)
-    (out / "summary.json").write_text(json.dumps(result.summary(), indent=2, default=float))
+    (out / "summary.json").write_text(json.dumps({**result.summary(), **(extra or {})}, indent=2, default=float))
     return out
 
 

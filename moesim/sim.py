@@ -75,13 +75,15 @@ class Routed:
 
     pair_tokens [G, D, D]: (token, expert) choices sent from src device (row) to dst device (column);
     expert_tokens [G, D, E]: choices each device computes for each expert;
-    router_tokens [G, D]: tokens each device routes; group_key [G, 3]: (step, micro_batch, layer).
+    router_tokens [G, D]: tokens each device routes; group_key [G, 3]: (step, micro_batch, layer);
+    num_tokens: tokens of all steps.
     """
 
     group_key: np.ndarray
     pair_tokens: np.ndarray
     expert_tokens: np.ndarray
     router_tokens: np.ndarray
+    num_tokens: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,23 +127,28 @@ class Result:
         }
 
 
-def token_devices(trace: Trace, num_devices: int, micro_batches: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source device and micro-batch of every row: contiguous shards of each step's tokens."""
-    step, token = trace.columns["step"], trace.columns["token"]
-    if len(step) and np.all(step[1:] >= step[:-1]):  # rows sorted by step (the trace format): O(n), no sort
-        starts = np.concatenate([[0], np.flatnonzero(step[1:] != step[:-1]) + 1])
-        step_idx = np.cumsum(np.concatenate([[0], (step[1:] != step[:-1]).astype(np.int64)]))
-        n_per_step = np.maximum.reduceat(token, starts).astype(np.int64) + 1
-    else:
-        steps, step_idx = np.unique(step, return_inverse=True)
-        n_per_step = np.zeros(len(steps), dtype=np.int64)
-        np.maximum.at(n_per_step, step_idx, token + 1)
-    n = n_per_step[step_idx]
+def _step_index(step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct steps, index of each row's step); O(n) when rows are sorted by step (the trace format)."""
+    if len(step) and np.all(step[1:] >= step[:-1]):
+        change = step[1:] != step[:-1]
+        return np.concatenate([step[:1], step[1:][change]]), np.cumsum(np.concatenate([[0], change.astype(np.int64)]))
+    return np.unique(step, return_inverse=True)
+
+
+def _shard(token: np.ndarray, n: np.ndarray, num_devices: int, micro_batches: int) -> tuple[np.ndarray, np.ndarray]:
+    """Device and micro-batch of token index ``token`` in a step of ``n`` tokens (contiguous shards)."""
     src = (token * num_devices) // n
     start = -(-src * n // num_devices)  # first token of src's shard: ceil(src * n / D)
     stop = -(-(src + 1) * n // num_devices)
     mb = ((token - start) * micro_batches) // np.maximum(stop - start, 1)
     return src.astype(np.int64), mb.astype(np.int64)
+
+
+def _tokens_per_step(token: np.ndarray, step_idx: np.ndarray, num_steps: int) -> np.ndarray:
+    """Tokens in each step: the largest token index + 1."""
+    n = np.zeros(num_steps, dtype=np.int64)
+    np.maximum.at(n, step_idx, token + 1)
+    return n
 
 
 def aggregate(trace: Trace, placement: Placement, num_devices: int, options: SimOptions,
@@ -150,7 +157,17 @@ def aggregate(trace: Trace, placement: Placement, num_devices: int, options: Sim
     c = trace.columns
     m, d_count, e_count = options.micro_batches, num_devices, trace.meta.num_experts
     l_count = trace.meta.num_layers
-    src, mb = token_devices(trace, d_count, m)
+    steps, step_idx = _step_index(c["step"])
+    n_per_step = _tokens_per_step(c["token"], step_idx, len(steps))
+    # shard every token once (also tokens whose choices were all dropped: they still pass the router),
+    # then gather per row: cheaper than integer division over all rows
+    offsets = np.concatenate([[0], np.cumsum(n_per_step)[:-1]])
+    all_step = np.repeat(np.arange(len(steps)), n_per_step)
+    all_tokens = np.arange(int(n_per_step.sum())) - offsets[all_step]
+    t_src, t_mb = _shard(all_tokens, n_per_step[all_step], d_count, m)
+    t_group = all_step * m + t_mb  # (step, micro-batch) of each token
+    row_token = offsets[step_idx] + c["token"]
+    src = t_src[row_token]
     route = REPLICA_ROUTING[options.replica_routing]
     dst = np.empty_like(src)
     layer = c["layer"]
@@ -164,22 +181,16 @@ def aggregate(trace: Trace, placement: Placement, num_devices: int, options: Sim
             rows = order[bounds[layer_i]:bounds[layer_i + 1]]  # ascending row order, like flatnonzero
             if rows.size:
                 dst[rows] = route(placement, layer_i, src[rows], c["expert"][rows], c["token"][rows], rng)
-    step = c["step"]
-    if np.all(step[1:] >= step[:-1]):
-        change = step[1:] != step[:-1]
-        steps = np.concatenate([step[:1], step[1:][change]])
-        step_idx = np.cumsum(np.concatenate([[0], change.astype(np.int64)]))
-    else:
-        steps, step_idx = np.unique(step, return_inverse=True)
-    g = (step_idx * m + mb) * l_count + layer
+    g = t_group[row_token] * l_count + layer
     g_count = len(steps) * m * l_count
     pair = np.bincount(g * d_count * d_count + src * d_count + dst, minlength=g_count * d_count * d_count)
     expert = np.bincount((g * d_count + dst) * e_count + c["expert"], minlength=g_count * d_count * e_count)
-    first = c["rank"] == c["rank"].min()  # one router pass per token and layer (rank 0 always present)
-    router = np.bincount(g[first] * d_count + src[first], minlength=g_count * d_count)
+    per_mb = np.bincount(t_group * d_count + t_src, minlength=len(steps) * m * d_count)
+    router = np.broadcast_to(per_mb.reshape(len(steps), m, 1, d_count), (len(steps), m, l_count, d_count))
     keys = np.stack(np.meshgrid(steps, np.arange(m), np.arange(l_count), indexing="ij"), axis=-1).reshape(-1, 3)
     return Routed(group_key=keys, pair_tokens=pair.reshape(g_count, d_count, d_count),
-                  expert_tokens=expert.reshape(g_count, d_count, e_count), router_tokens=router.reshape(g_count, d_count))
+                  expert_tokens=expert.reshape(g_count, d_count, e_count),
+                  router_tokens=router.reshape(g_count, d_count), num_tokens=int(n_per_step.sum()))
 
 
 def simulate(system: System, model: MoEModel, placement: Placement, trace: Trace, *,
@@ -310,7 +321,7 @@ def _collect(ops, now, routed: Routed, a2a: AllToAllRouting, system, model, opti
     })
     meta = {"system": system.name, "device": system.device.name, "num_devices": system.num_devices,
             "model": model.name, "trace_model": trace.meta.model, "trace_source": trace.meta.source,
-            "num_tokens": trace.num_tokens, "num_layers": l_count, "cost_model": getattr(cost, "name", type(cost).__name__),
+            "num_tokens": routed.num_tokens, "num_layers": l_count, "cost_model": getattr(cost, "name", type(cost).__name__),
             "micro_batches": options.micro_batches, "dtype": options.dtype,
             "replica_routing": options.replica_routing, "activation_bytes_per_token": act_bytes}
     return Result(ops=df, total_time_s=float(now), layer_time_s=layer_time, layer_compute_s=comp, layer_comm_s=comm,

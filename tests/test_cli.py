@@ -21,6 +21,7 @@ def test_simulate_and_report_end_to_end(tmp_path, capsys):
     for heading in ("Expert load", "Per-device timeline", "Per-layer time breakdown"):
         assert heading in html
     assert html.count('class="plotly-graph-div"') >= 3
+    assert "Trace statistics: Inter-layer affinity 0-&gt;1" in html  # routing statistics of the replayed trace
     trace = json.loads((out / "timeline.perfetto.json").read_text())
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     import pandas as pd

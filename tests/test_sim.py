@@ -145,3 +145,22 @@ def test_model_and_trace_disagreeing_is_a_clear_error():
         simulate(load_system("dgx-h100"), get_model("flame-moe-290m"), contiguous(8, 64, 4), trace)
     with pytest.raises(SimulationError, match="micro_batches"):
         SimOptions(micro_batches=0)
+
+
+def test_variable_k_trace_replays_with_every_token_routed():
+    """A capacity-dropping what-if has tokens with fewer (even zero) choices; the router still sees them all."""
+    from workloads.routing_policies import capacity, synthetic_logits
+
+    logits = synthetic_logits(num_tokens=64, num_layers=2, num_experts=8, seed=3, num_steps=2)
+    trace = capacity(logits, k=2, capacity_factor=0.5)
+    assert len(trace) < 64 * 2 * 2 * 2  # some choices were dropped
+    system = make_system(4)
+    model = make_model(num_experts=8, top_k=2, hidden=32, ffn=32, layers=2)
+    result = simulate(system, model, contiguous(2, 8, 4), trace, options=SimOptions(micro_batches=2))
+    router = result.ops[result.ops.op == "router"]
+    per_group = router.groupby(["step", "micro_batch", "layer"]).size()
+    assert (per_group == 4).all()
+    assert (result.tokens["computed"] == result.tokens["trace_rows"]).all()
+    # every token of each step passes the router of each layer: 64 tokens x 2 steps x 2 layers
+    flops_per_token = 2 * 32 * 8  # router GEMM [1, 32] x [32, 8]
+    assert router["flops"].sum() == pytest.approx(64 * 2 * 2 * flops_per_token)

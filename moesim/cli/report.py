@@ -34,7 +34,23 @@ def build_sections(run) -> list:
         ("Per-layer time breakdown", rr.layer_breakdown(s["layer_compute_s"], s["layer_comm_s"], s["layer_time_s"])),
         ("Tokens computed per device", rr.device_load(run.device_tokens)),
     ]
+    sections += _trace_sections(s.get("trace_spec"))
     return sections
+
+
+def _trace_sections(spec: str | None) -> list:
+    """Routing statistics of the replayed trace (load, imbalance, affinity, co-activation), if it can be reloaded."""
+    from moesim.report.trace_stats import trace_stats_figures
+    from workloads.importers import load_trace
+    from workloads.trace import TraceError
+
+    if not spec:
+        return []
+    try:
+        trace = load_trace(spec)
+    except (TraceError, OSError) as exc:
+        return [("Trace statistics", f"<p>(trace {spec!r} could not be reloaded: {exc})</p>")]
+    return [(f"Trace statistics: {heading}", fig) for heading, fig in trace_stats_figures(trace)]
 
 
 def run(args) -> int:

@@ -67,7 +67,8 @@ def run(args) -> int:
     with progress_bar("simulating", unit="layer") as update:
         result = simulate(system, model, placement, trace, cost=cost, options=options, seed=args.seed, progress=update)
     wall_s = time.perf_counter() - t0
-    out = write_run(result, args.out, trace.expert_load())
+    spec = args.trace if not Path(args.trace).exists() else str(Path(args.trace).resolve())
+    out = write_run(result, args.out, trace.expert_load(), extra={"trace_spec": spec})
     imb = result.imbalance
     print(f"simulated {trace.num_tokens} tokens x {trace.meta.num_layers} MoE layers of {model.name} on {system.name} "
           f"({system.num_devices} x {system.device.name}) in {wall_s:.2f} s wall")

@@ -177,6 +177,13 @@ def _solve_layer(problem: PlacementProblem, layer: int, counts: np.ndarray, hint
         assign = np.array([[solver.Value(x[e][d]) for d in range(d_count)] for e in range(e_count)], dtype=np.int8)
         rep = LayerSolve(layer=layer, stage=stage, status=_STATUS[status], objective=solver.ObjectiveValue() / unit,
                          bound=min(bound, solver.ObjectiveValue() / unit), wall_s=wall_s)
+        try:  # CP-SAT may return a solution worse than the hint when stopped early: keep the better one
+            kept = _keep_hint(layer, stage, hint, ws, scale, counts, spd, traffic_cost, max_load, current, max_moves,
+                              wall_s, "warm-start", bound)
+        except PlacementError:
+            kept = None
+        if kept is not None and kept[1].objective < rep.objective - 1e-9:
+            return kept
         return assign, rep, int(sum(solver.Value(v) for v in mxs))
     if status == cp_model.INFEASIBLE:
         raise PlacementError(f"layer {layer} ({stage}): infeasible: "
