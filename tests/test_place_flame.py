@@ -11,7 +11,6 @@ from hwmodels.specs import load_system
 from moesim.cli import main
 from moesim.io import load_placement
 from moesim.place import BASELINES, evaluate, problem_from_trace, solve
-from moesim.place.evaluate import renumber_tokens
 from workloads.catalog import get_model
 from workloads.importers import load_trace
 
@@ -40,7 +39,7 @@ def test_joint_beats_contiguous_time_and_greedy_balance_on_heldout(flame):
 
 def test_renumbered_heldout_starts_on_every_gpu(flame):
     _, _, heldout, _, _ = flame
-    tok = renumber_tokens(heldout).columns["token"]
+    tok = heldout.renumber_tokens().columns["token"]
     assert tok.min() == 0 and tok.max() == heldout.num_tokens - 1
     assert np.array_equal(np.unique(tok), np.arange(heldout.num_tokens))
 

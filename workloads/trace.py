@@ -88,7 +88,8 @@ class Trace:
         return replace(self, columns={k: v[mask] for k, v in self.columns.items()})
 
     def split_tokens(self, fraction: float) -> tuple["Trace", "Trace"]:
-        """Split every step's tokens into a first part (``fraction`` of them) and the rest (held out)."""
+        """Split every step's tokens into a first part (``fraction`` of them) and the rest (held out,
+        tokens renumbered from 0 in each step)."""
         if not 0 < fraction < 1:
             raise ValueError(f"fraction must be in (0, 1), got {fraction}")
         tok, step = self.columns["token"], self.columns["step"]
@@ -96,7 +97,20 @@ class Trace:
         for s, n in self.tokens_per_step().items():
             cut = int(round(n * fraction))
             first |= (step == s) & (tok < cut)
-        return self.select(first), self.select(~first)
+        return self.select(first), self.select(~first).renumber_tokens()
+
+    def renumber_tokens(self) -> "Trace":
+        """The trace with each step's tokens renumbered 0..n-1 in order. The simulator shards a step's
+        tokens over devices by token index, so a part cut from a trace (ids 1024..2047, say) must be
+        renumbered to spread over all devices."""
+        c = self.columns
+        width = int(c["token"].max()) + 1
+        key = c["step"].astype(np.int64) * width + c["token"]
+        uniq, inv = np.unique(key, return_inverse=True)
+        step_of = uniq // width
+        first = np.searchsorted(step_of, step_of)  # index of each step's first token in uniq
+        new_token = (np.arange(len(uniq)) - first)[inv]
+        return replace(self, columns={**c, "token": new_token.astype(c["token"].dtype)})
 
     def dense(self) -> tuple[np.ndarray, np.ndarray]:
         """Experts and weights as dense arrays [tokens, layers, top_k] over (step, token) in order.

@@ -24,21 +24,6 @@ from moesim.placement import Placement
 from moesim.sim import SimOptions, simulate
 
 
-def renumber_tokens(trace):
-    """The trace with each step's tokens renumbered 0..n-1 in order (a held-out part keeps its
-    original token ids, e.g. 1024..2047; the simulator shards tokens over GPUs by id / (max id + 1),
-    so without renumbering the held-out tokens would all start on the upper half of the GPUs)."""
-    from dataclasses import replace
-
-    c = trace.columns
-    key = c["step"].astype(np.int64) * (int(c["token"].max()) + 1) + c["token"]
-    uniq, inv = np.unique(key, return_inverse=True)
-    step_of = uniq // (int(c["token"].max()) + 1)
-    first = np.searchsorted(step_of, step_of)  # index of each step's first token in uniq
-    new_token = (np.arange(len(uniq)) - first)[inv]
-    return replace(trace, columns={**c, "token": new_token.astype(c["token"].dtype)})
-
-
 def affinity_crossings(problem: PlacementProblem, placement: Placement) -> tuple[float, float]:
     """(cross-GPU, cross-node) token pairs between consecutive layers under ``problem.affinity``."""
     if problem.affinity is None or problem.num_layers < 2:
@@ -61,9 +46,9 @@ def affinity_crossings(problem: PlacementProblem, placement: Placement) -> tuple
 def evaluate(placement: Placement, trace, system, model, heldout_problem: PlacementProblem | None = None, *,
              options: SimOptions = SimOptions(), seed: int = 0,
              progress: Callable[[int, int], None] | None = None) -> dict:
-    """Replay ``trace`` (the held-out part, tokens renumbered per step by :func:`renumber_tokens`) with
+    """Replay ``trace`` (the held-out part, tokens renumbered per step by ``Trace.renumber_tokens``) with
     ``placement``; returns the metrics above as a dict."""
-    res = simulate(system, model, placement, renumber_tokens(trace), options=options, seed=seed, progress=progress)
+    res = simulate(system, model, placement, trace.renumber_tokens(), options=options, seed=seed, progress=progress)
     kinds = res.link_bytes.groupby("kind")["bytes"].sum().to_dict() if len(res.link_bytes) else {}
     up_kind = system.scale_up.kind
     out_kind = system.scale_out.kind if system.scale_out is not None else None
