@@ -43,7 +43,6 @@ def _instances(quick: bool):
 
 
 def main(argv=None) -> int:
-    import moesim  # noqa: F401  (import order: moesim before hwmodels)
     from hwmodels.specs import load_system
     from moesim.place import BASELINES, evaluate, link_costs, problem_from_trace, solve
     from workloads.catalog import get_model

@@ -22,7 +22,6 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def run(tokens: int, step_tokens: int, engines: list[str]) -> list[dict]:
-    import moesim  # noqa: F401
     from hwmodels.specs import load_system
     from moesim.analytic import ENGINES
     from moesim.placement import contiguous
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> Path:
     lines = ["## Replay speed (bench_replay)", "",
              f"Command: `.venv/bin/python -m benchmarks.bench_replay --tokens {args.tokens} --step-tokens {args.step_tokens}`",
              f"Machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, one core "
-             "(single process); shared 2-core machine, so timings are noisy.", "",
+             "(single process) on a 2-core machine; other load on the machine was not controlled.", "",
              "DeepSeek-V3 shape (256 experts, top-8, 58 MoE layers) from remapped FLAME routing, dgx-h100 x 8 = 64 GPUs.", "",
              "| engine | tokens | steps | token-layer-ranks | wall s | token-layer-ranks / s | simulated s |",
              "|---|---|---|---|---|---|---|"]

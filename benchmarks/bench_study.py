@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--limit", type=int, default=1000)
     args = p.parse_args(argv)
-    import moesim  # noqa: F401
     from moesim.study.runner import run_study
     from moesim.study.spec import load_study
 

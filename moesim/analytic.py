@@ -22,12 +22,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from hwmodels.cost import DTYPE_BYTES, CostModel, RooflineCost
+from hwmodels.cost import CostModel, RooflineCost
 from hwmodels.specs import System
 from hwmodels.topology import AllToAllRouting
-from hwmodels.topology import all_to_all_routing
 from moesim.placement import Placement
-from moesim.sim import OP_COLUMNS, Result, Routed, SimOptions, SimulationError, _collect, aggregate, simulate
+from moesim.sim import OP_COLUMNS, Result, Routed, SimOptions, _collect, prepare, simulate
 from workloads.catalog import MoEModel
 from workloads.trace import Trace
 
@@ -103,19 +102,7 @@ def estimate(system: System, model: MoEModel, placement: Placement, trace: Trace
     called once per group.
     """
     cost = cost if cost is not None else RooflineCost()
-    meta_t = trace.meta
-    if meta_t.num_experts != model.num_experts:
-        raise SimulationError(f"trace has {meta_t.num_experts} experts per layer but model {model.name!r} has "
-                              f"{model.num_experts}")
-    if meta_t.num_layers > model.num_moe_layers:
-        raise SimulationError(f"trace has {meta_t.num_layers} MoE layers but model {model.name!r} has only "
-                              f"{model.num_moe_layers}")
-    d_count = system.num_devices
-    placement.check_fits(meta_t.num_layers, meta_t.num_experts, d_count)
-    rng = np.random.default_rng(seed)
-    routed = aggregate(trace, placement, d_count, options, rng)
-    a2a = a2a if a2a is not None else all_to_all_routing(system)
-    act_bytes = model.hidden_size * DTYPE_BYTES[options.dtype]
+    routed, a2a, act_bytes = prepare(system, model, placement, trace, options, seed, a2a)
     gc = group_costs(system, model, routed, a2a, cost, options, act_bytes)
     ops, now = _timeline(routed, gc, progress)
     result = _collect(ops, now, routed, a2a, system, model, options, trace, cost, act_bytes)

@@ -201,6 +201,16 @@ def simulate(system: System, model: MoEModel, placement: Placement, trace: Trace
     ``progress(done, total)`` is called as (step, micro-batch, layer) groups finish.
     """
     cost = cost if cost is not None else RooflineCost()
+    routed, a2a, act_bytes = prepare(system, model, placement, trace, options, seed)
+    return _run_des(system, model, routed, a2a, cost, options, act_bytes, progress, trace)
+
+
+def prepare(system: System, model: MoEModel, placement: Placement, trace: Trace, options: SimOptions, seed: int,
+            a2a: AllToAllRouting | None = None) -> tuple[Routed, AllToAllRouting, int]:
+    """Check that system, model, placement and trace fit together; aggregate the routing.
+
+    Returns (routed, all-to-all routes, activation bytes per token). Shared by both engines.
+    """
     meta_t = trace.meta
     if meta_t.num_experts != model.num_experts:
         raise SimulationError(f"trace has {meta_t.num_experts} experts per layer but model {model.name!r} has "
@@ -208,13 +218,10 @@ def simulate(system: System, model: MoEModel, placement: Placement, trace: Trace
     if meta_t.num_layers > model.num_moe_layers:
         raise SimulationError(f"trace has {meta_t.num_layers} MoE layers but model {model.name!r} has only "
                               f"{model.num_moe_layers}")
-    d_count = system.num_devices
-    placement.check_fits(meta_t.num_layers, meta_t.num_experts, d_count)
-    rng = np.random.default_rng(seed)
-    routed = aggregate(trace, placement, d_count, options, rng)
-    a2a = all_to_all_routing(system)
-    act_bytes = model.hidden_size * DTYPE_BYTES[options.dtype]
-    return _run_des(system, model, routed, a2a, cost, options, act_bytes, progress, trace)
+    placement.check_fits(meta_t.num_layers, meta_t.num_experts, system.num_devices)
+    routed = aggregate(trace, placement, system.num_devices, options, np.random.default_rng(seed))
+    a2a = a2a if a2a is not None else all_to_all_routing(system)
+    return routed, a2a, model.hidden_size * DTYPE_BYTES[options.dtype]
 
 
 def _run_des(system: System, model: MoEModel, routed: Routed, a2a: AllToAllRouting, cost: CostModel,

@@ -1,6 +1,5 @@
 """The analytical engine against the DES: equal where nothing contends (micro_batches=1 or no overlap)."""
 
-import moesim  # noqa: F401  (import order: moesim before hwmodels)
 import numpy as np
 import pytest
 

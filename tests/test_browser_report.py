@@ -5,7 +5,6 @@ Needs the Debian package ``chromium`` (``.ci/run`` installs it); without it the 
 message saying so (it is not skipped: CI must have the browser).
 """
 
-import moesim  # noqa: F401
 import json
 import re
 import shutil

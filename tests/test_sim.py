@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hwmodels.cost import OpCost, RooflineCost
+from hwmodels.cost import OpCost
 from hwmodels.specs import load_system
 from moesim.placement import Placement, contiguous
 from moesim.sim import SimOptions, SimulationError, simulate

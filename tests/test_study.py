@@ -1,6 +1,5 @@
 """Studies: spec validation, executors agree, resume, Dask LocalCluster, report figures."""
 
-import moesim  # noqa: F401
 import json
 
 import pandas as pd

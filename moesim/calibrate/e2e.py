@@ -84,7 +84,7 @@ def e2e_check(profile_path: str, *, tokens: int = 1024, num_layers: int = 8, rep
     ``df.attrs['warnings']`` holds what the calibrated model warned about during the simulation."""
     from hwmodels.calib_profile import read_profile
     from hwmodels.calibrated import CalibratedCost
-    from hwmodels.specs import Link, MemoryTier, System
+    from hwmodels.specs import Link, System
     from moesim.placement import contiguous
     from moesim.sim import SimOptions, simulate
     from workloads.catalog import get_model

@@ -79,7 +79,6 @@ def run_demo(out: str | Path, *, seconds: float = 60.0, max_steps: int = 400, ba
     """Train + capture + generate + capture. Returns a summary dict (also written to ``out/summary.json``)."""
     import torch
 
-    from workloads import stats
     from workloads.capture import capture
     from workloads.importers import load_trace
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from pathlib import Path
 from typing import Callable, Iterable
 
 import pandas as pd
