@@ -345,3 +345,13 @@ def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30
                     run_wave(layers, "traffic", unit_s, Tra())
     report.wall_s = time.perf_counter() - t_start
     return assignment_to_placement(assign, p, objective), report
+
+
+def _cpsat_balance(problem: PlacementProblem, rng: np.random.Generator) -> Placement:
+    """The CP-SAT balance model as a plain placer (for studies): 10 s per problem, deterministic."""
+    placement, _ = solve(problem, "balance", time_limit_s=10.0, seed=int(rng.integers(2**31 - 1)), deterministic=True)
+    return placement
+
+
+# optimising placers with the baselines' signature ``(problem, rng) -> Placement``
+PLACERS: dict[str, Callable[[PlacementProblem, np.random.Generator], Placement]] = {"cpsat-balance": _cpsat_balance}
