@@ -223,3 +223,12 @@ def test_assignment_roundtrip():
     p = _problem(rng.integers(1, 9, size=(3, 10)), 4, 4, replicas=4)
     a = greedy_assignment(p)
     assert np.array_equal(placement_to_assignment(assignment_to_placement(a, p, "x")), a)
+
+
+def test_cpsat_placer_for_studies_finds_the_optimum():
+    from moesim.place import PLACERS
+
+    p = _problem([11, 9, 9, 8, 7], 3, 3, replicas=3)
+    placement = PLACERS["cpsat-balance"](p, np.random.default_rng(0))
+    assert device_load(p, placement_to_assignment(placement))[0].max() == pytest.approx(15.0)  # greedy: 17
+    placement.validate()
