@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # e.g. `moesim systems | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     except (ValueError, FileNotFoundError, KeyError, ImportError) as exc:
         if args.debug:
             raise

@@ -72,7 +72,8 @@ def run(args) -> int:
     imb = result.imbalance
     print(f"simulated {trace.num_tokens} tokens x {trace.meta.num_layers} MoE layers of {model.name} on {system.name} "
           f"({system.num_devices} x {system.device.name}) in {wall_s:.2f} s wall")
-    print(f"  simulated time {result.total_time_s * 1e6:.1f} us; MoE layer mean {result.layer_time_s.mean() * 1e6:.1f} us; "
+    per_layer_us = result.total_time_s * 1e6 / max(trace.meta.num_layers * trace.num_steps, 1)
+    print(f"  simulated time {result.total_time_s * 1e6:.1f} us ({per_layer_us:.1f} us per MoE layer and step); "
           f"load imbalance max/mean {imb.mean():.3f} (worst {imb.max():.3f})")
     print(f"  wrote {out}/ (next: moesim report {out})")
     return 0

@@ -589,3 +589,54 @@ def replay_timed(stream: AccessStream, cache_plan: CachePlan, hierarchy: MemoryH
                        tokens_per_s=stream.num_tokens / total if total > 0 else float("inf"),
                        hit_rate=cache_plan.hit_rate, fetches=cache_plan.fetches, prefetches=cache_plan.prefetches,
                        useful_prefetches=cache_plan.useful_prefetches, bytes_by_path=dict(mem.bytes_by_path))
+
+
+# ----------------------------------------------------------------------------- sub-streams (studies)
+
+
+def select_accesses(stream: AccessStream, keep: np.ndarray) -> AccessStream:
+    """The accesses of ``stream`` where ``keep`` [N] bool is True (e.g. the experts one device holds);
+    groups keep their indices (a group may become empty)."""
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (len(stream),):
+        raise MemoryError_(f"keep mask has shape {keep.shape}, the stream has {len(stream)} accesses")
+    return AccessStream(keys=stream.keys[keep], group=stream.group[keep], tokens=stream.tokens[keep],
+                        group_batch=stream.group_batch, group_layer=stream.group_layer,
+                        num_experts=stream.num_experts, num_layers=stream.num_layers, num_tokens=stream.num_tokens)
+
+
+def first_use_plan(stream: AccessStream, capacity: int, policy: str) -> CachePlan:
+    """The plan of a demand policy when the cache holds every key of ``stream``: each key misses on its
+    first access only (same result as :func:`plan`, without the per-access loop)."""
+    distinct = len(np.unique(stream.keys))
+    if capacity < distinct:
+        raise MemoryError_(f"first_use_plan needs capacity >= {distinct} distinct keys, got {capacity}")
+    hit = np.ones(len(stream), dtype=bool)
+    _, first = np.unique(stream.keys, return_index=True)
+    hit[first] = False
+    return CachePlan(policy=policy, capacity=int(capacity), hit=hit, prefetched=[[] for _ in range(stream.num_groups)],
+                     fetches=distinct, prefetches=0, useful_prefetches=0, max_resident=distinct)
+
+
+def from_group(stream: AccessStream, cache_plan: CachePlan, first_group: int) -> tuple[AccessStream, CachePlan]:
+    """Stream and plan from group ``first_group`` on (drop a warm-up): hits keep the plan's decisions
+    (an access that hit is resident in the timed replay), groups are renumbered from 0.
+    ``num_tokens`` counts the batches kept x the stream's tokens per batch (rounded)."""
+    g_count = stream.num_groups
+    if not 0 <= first_group <= g_count:
+        raise MemoryError_(f"first_group must lie in 0..{g_count}, got {first_group}")
+    a = int(stream.group_start[first_group])
+    batches = int(stream.group_batch[-1]) + 1 if g_count else 0
+    kept_batches = batches - (int(stream.group_batch[first_group]) if first_group < g_count else batches)
+    sub = AccessStream(keys=stream.keys[a:], group=stream.group[a:] - first_group, tokens=stream.tokens[a:],
+                       group_batch=stream.group_batch[first_group:] - (stream.group_batch[first_group] if first_group < g_count else 0),
+                       group_layer=stream.group_layer[first_group:], num_experts=stream.num_experts,
+                       num_layers=stream.num_layers,
+                       num_tokens=int(round(stream.num_tokens * kept_batches / batches)) if batches else 0)
+    hit = cache_plan.hit[a:]
+    pre = cache_plan.prefetched[first_group:]
+    n_pre = sum(len(p) for p in pre)
+    sub_plan = CachePlan(policy=cache_plan.policy, capacity=cache_plan.capacity, hit=hit, prefetched=pre,
+                         fetches=int((~hit).sum()) + n_pre, prefetches=n_pre, useful_prefetches=0,
+                         max_resident=cache_plan.max_resident)
+    return sub, sub_plan

@@ -35,6 +35,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from moesim.place.baselines import greedy_assignment, replica_counts
+from moesim.place import hier
 from moesim.place.local import improve_layer
 from moesim.place.problem import PlacementProblem, assignment_to_placement
 from moesim.placement import Placement, PlacementError
@@ -99,7 +100,7 @@ def _solve_layer(problem: PlacementProblem, layer: int, counts: np.ndarray, hint
                  time_limit_s: float, num_workers: int, seed: int, traffic_cost: np.ndarray | None = None,
                  max_load: int | None = None, current: np.ndarray | None = None,
                  max_moves: int | None = None, deterministic: bool = False,
-                 deadline_at_s: float | None = None) -> tuple[np.ndarray, LayerSolve, int]:
+                 deadline_at_s: float | None = None, hierarchical: bool = False) -> tuple[np.ndarray, LayerSolve, int]:
     """One layer's model. counts [E], hint/current [E, D] 0/1, traffic_cost [E, D] (cost of a copy of
     e on GPU d, float). Returns (assign [E, D] int8, report, best max-load in scaled units)."""
     e_count, d_count, spd = problem.num_experts, problem.num_devices, problem.slots_per_device
@@ -121,6 +122,9 @@ def _solve_layer(problem: PlacementProblem, layer: int, counts: np.ndarray, hint
     if deadline_at_s is not None and not deterministic and deadline_at_s - time.perf_counter() < 0.05:
         return _keep_hint(layer, stage, hint, ws, scale, counts, spd, traffic_cost, max_load, current, max_moves,
                           0.0, "time-out")
+    if hierarchical and (current is None or max_moves is None):
+        return _solve_layer_hier(problem, layer, counts, hint, stage, ws, scale, time_limit_s, num_workers, seed,
+                                 traffic_cost, max_load, deterministic, deadline_at_s)
     m = cp_model.CpModel()
     x = [[m.NewBoolVar(f"x{e}_{d}") for d in range(d_count)] for e in range(e_count)]
     lin = cp_model.LinearExpr
@@ -191,6 +195,48 @@ def _solve_layer(problem: PlacementProblem, layer: int, counts: np.ndarray, hint
                                 else "no placement satisfies the constraints"))
     return _keep_hint(layer, stage, hint, ws, scale, counts, spd, traffic_cost, max_load, current, max_moves, wall_s,
                       "warm-start", bound)
+
+
+def _solve_layer_hier(problem, layer, counts, hint, stage, ws, scale, time_limit_s, num_workers, seed, traffic_cost,
+                      max_load, deterministic, deadline_at_s):
+    """:func:`_solve_layer` by the node-then-GPU decomposition of :mod:`moesim.place.hier`."""
+    dpn, spd = problem.devices_per_node, problem.slots_per_device
+    hint = np.asarray(hint, dtype=np.int8)
+    if deadline_at_s is not None and not deterministic:
+        time_limit_s = min(time_limit_s, deadline_at_s - time.perf_counter())
+    t0 = time.perf_counter()
+    tc = gpu_caps = None
+    if stage != "balance":
+        tc = np.rint(traffic_cost * TRAFFIC_SCALE).astype(np.int64)
+        if max_load is not None:  # per-scenario caps: the hint's maxima, scaled to the total cap
+            hint_mx = hier.gpu_maxes(ws, hint)
+            gpu_caps = np.floor(hint_mx * (int(max_load) / max(int(hint_mx.sum()), 1))).astype(np.int64)
+    assign, status, node_obj, node_bound = hier.solve_layer(
+        ws, counts, hint, dpn, spd, stage=stage, time_limit_s=max(0.02, time_limit_s), num_workers=num_workers,
+        seed=seed, deterministic=deterministic, traffic_cost=tc, gpu_caps=gpu_caps)
+    wall_s = time.perf_counter() - t0
+    ok = np.all(assign.sum(axis=1) == counts) and np.all(assign.sum(axis=0) <= spd) and assign.max() <= 1
+    mx_new, mx_hint = hier.gpu_maxes(ws, assign), hier.gpu_maxes(ws, hint)
+    if max_load is not None:
+        ok = ok and int(mx_new.sum()) <= int(max_load)
+    n_count = hint.shape[1] // dpn
+    if stage == "balance":
+        unit = scale * len(ws)
+        better = ok and mx_new.sum() < mx_hint.sum()
+        cut = sum(max(-(-int(w.sum()) // hint.shape[1]), int(w.max(initial=0))) for w in ws)
+        bound = max(cut, math.ceil(node_bound / dpn - 1e-9) if math.isfinite(node_bound) else 0) / unit
+        chosen = assign if better else hint
+        obj = int(hier.gpu_maxes(ws, chosen).sum()) / unit
+    else:
+        unit = TRAFFIC_SCALE
+        better = ok and int((tc * assign).sum()) < int((tc * hint).sum())
+        chosen = assign if better else hint
+        node_cost = np.rint(tc.reshape(len(counts), n_count, dpn).mean(axis=2)).astype(np.int64)
+        obj = float((node_cost * chosen.reshape(len(counts), n_count, dpn).sum(axis=2)).sum()) / unit
+        bound = max(0.0, node_bound / unit) if math.isfinite(node_bound) else 0.0
+    rep = LayerSolve(layer=layer, stage=stage, status=status if better else "warm-start", objective=obj,
+                     bound=min(bound, obj), wall_s=wall_s)
+    return chosen.copy(), rep, int(hier.gpu_maxes(ws, chosen).sum())
 
 
 def _keep_hint(layer, stage, hint, ws, scale, counts, spd, traffic_cost, max_load, current, max_moves, wall_s,

@@ -31,7 +31,8 @@ import numpy as np
 from hwmodels.cost import DTYPE_BYTES
 from moesim.study.spec import PARAMETERS, config_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DEMAND_POLICIES = ("lru", "lfu", "belady")  # no prefetching: a cache holding every key misses on first use only
 
 
 @lru_cache(maxsize=16)
@@ -90,30 +91,102 @@ def _placement(method: str, fit_trace, system, replicas: int, seed: int):
     return methods[method](problem, np.random.default_rng(seed))
 
 
-def _memory(config: dict, system, model, placement, trace, steps: int) -> dict:
+def _memory_stream(config: dict, seed: int):
+    """The access stream of the memory replay: ``memory_steps`` steps of the study's traffic, one batch per
+    micro-batch (``tokens / micro_batches`` tokens), layers in order (process-cached)."""
+    return _stream(config["traffic"], config["model"], config["tokens"], config["memory_steps"], seed,
+                   max(config["tokens"] // config["micro_batches"], 1))
+
+
+@lru_cache(maxsize=4)
+def _stream(name: str, model: str, tokens: int, steps: int, seed: int, batch_tokens: int):
+    from moesim.memory.cache import access_stream
+    return access_stream(_traffic(name, model, tokens, steps, seed), batch_tokens)
+
+
+def _plan(stream, capacity: int, policy: str, seed: int):
+    """Cache plan of one device's stream; capacity 0 -> every access misses; a cache that holds every
+    key of the stream (demand policies) -> misses on first use only (exact, no per-access loop)."""
+    from moesim.memory.cache import CachePlan, first_use_plan, plan
+    if capacity < 1:
+        return CachePlan(policy=policy, capacity=0, hit=np.zeros(len(stream), dtype=bool),
+                         prefetched=[[] for _ in range(stream.num_groups)], fetches=len(stream), prefetches=0,
+                         useful_prefetches=0, max_resident=0)
+    if policy in DEMAND_POLICIES and capacity >= len(np.unique(stream.keys)):
+        return first_use_plan(stream, capacity, policy)
+    params = {"rng": np.random.default_rng(seed)} if policy == "pregate" else {}
+    return plan(stream, capacity, policy, **params)
+
+
+def _memory(config: dict, system, model, placement, seed: int) -> dict:
+    """Memory outputs from the ``moesim.memory`` expert-cache simulator (see the module docstring)."""
+    from moesim.memory.cache import CACHE_POLICIES, ExpertShape, from_group, replay_timed, select_accesses
+    from moesim.memory.tiers import MemoryHierarchy
+
+    policy = config["cache_policy"]
+    if policy not in CACHE_POLICIES:
+        raise ValueError(f"cache_policy {policy!r} is unknown; known: {', '.join(sorted(CACHE_POLICIES))}")
+    if config["memory_steps"] < 2:
+        raise ValueError(f"memory_steps must be >= 2 (step 0 warms the cache), got {config['memory_steps']}")
     dev = system.device
+    h = MemoryHierarchy.from_system(system)
+    cache_tier = dev.main_memory.name
     hbm = config["hbm_capacity_bytes"] or dev.main_memory.capacity_bytes
-    sram_tiers = [t for t in dev.memory if t.name == "sram"]
-    sram = config["sram_capacity_bytes"] or (sram_tiers[0].capacity_bytes if sram_tiers else 0.0)
-    expert_bytes = model.expert_weight_bytes(DTYPE_BYTES[config["dtype"]])
+    h = h.with_tier(cache_tier, capacity_bytes=float(hbm))
+    backing = "ddr" if "ddr" in h.tiers and cache_tier != "ddr" else "host"
+    sram = config["sram_capacity_bytes"] or (h.tiers["sram"].capacity_bytes if "sram" in h.tiers else 0.0)
+    dtype_bytes = DTYPE_BYTES[config["dtype"]]
+    expert = ExpertShape(weight_bytes=float(model.expert_weight_bytes(dtype_bytes)),
+                         flops_per_token=2.0 * 3 * model.hidden_size * model.moe_intermediate_size)
     d_count, spd = system.num_devices, placement.slots_per_device
-    used = (placement.slot_to_expert >= 0).reshape(placement.num_layers, d_count, spd).sum(axis=2)  # [L, D]
-    weights = used.sum(axis=0) * float(expert_bytes)  # [D] (all MoE layers of the trace)
-    excess = np.maximum(weights - hbm, 0.0)
-    stall = steps * float(excess.max()) / system.host_link.bandwidth_bytes_per_s
-    # static SRAM cache: each device keeps its most-used (layer, expert) weights that fit in SRAM
-    sram_slots = int(sram // expert_bytes) if expert_bytes else 0
-    load = trace.expert_load()  # [L, E]
-    hits = 0
-    if sram_slots:
-        for d in range(d_count):
-            held = np.concatenate([load[layer, placement.experts_on_device(layer, d)]
-                                   for layer in range(placement.num_layers)])
-            hits += np.sort(held)[::-1][:sram_slots].sum()
-    total = load.sum()
+    l_count, e_count = placement.num_layers, placement.num_experts
+    used = (placement.slot_to_expert >= 0).reshape(l_count, d_count, spd).sum(axis=2)  # [L, D]
+    weights = used.sum(axis=0) * expert.weight_bytes  # [D] bytes of expert weights placed per device
+    stream = _memory_stream(config, seed)
+    if stream.num_layers != l_count or stream.num_experts != e_count:
+        raise ValueError(f"memory replay: traffic has {stream.num_layers} layers x {stream.num_experts} experts, "
+                         f"placement {l_count} x {e_count}")
+    steps_mem = config["memory_steps"]
+    batch_tokens = max(config["tokens"] // config["micro_batches"], 1)
+    first = min(-(-config["tokens"] // batch_tokens) * l_count, stream.num_groups)  # groups of step 0 (warm-up)
+    cap_hbm = int(hbm // expert.weight_bytes)
+    cap_sram = int(sram // expert.weight_bytes)
+    holds = np.zeros((d_count, l_count * e_count), dtype=bool)  # device d holds key layer * E + expert
+    s2e = placement.slot_to_expert
+    for layer in range(l_count):
+        dev_of = np.arange(s2e.shape[1]) // spd
+        ok = s2e[layer] >= 0
+        holds[dev_of[ok], layer * e_count + s2e[layer, ok]] = True
+    hits = accesses = sram_hit_tokens = tokens = 0
+    worst = None  # (misses in measured steps, device, stream, plan)
+    for d in range(d_count):
+        s = select_accesses(stream, holds[d][stream.keys])
+        p = _plan(s, cap_hbm, policy, seed)
+        sub, sub_plan = from_group(s, p, first)
+        hits += int(sub_plan.hit.sum())
+        accesses += len(sub)
+        misses = int((~sub_plan.hit).sum()) + sub_plan.prefetches
+        if worst is None or misses > worst[0]:
+            worst = (misses, d, sub, sub_plan)
+        if cap_sram >= 1:
+            _, sp = from_group(s, _plan(s, cap_sram, policy, seed), first)
+            sram_hit_tokens += int(sub.tokens[sp.hit].sum())
+        tokens += int(sub.tokens.sum())
+    _, worst_d, sub, sub_plan = worst
+    if len(sub) and cap_hbm >= 1:
+        res = replay_timed(sub, sub_plan, h, expert, peak_flops_per_s=dev.peak(config["dtype"]), cache_tier=cache_tier,
+                           backing_tier=backing, stream_tier="sram", overlap_transfers=True)
+        stall_step = res.stall_s / (steps_mem - 1)
+    else:  # nothing cached: every access fetches its expert, one after the other
+        stall_step = len(sub) * h.transfer_time_s(expert.weight_bytes, backing, cache_tier) / (steps_mem - 1)
     return {"hbm_capacity_bytes_used": float(hbm), "sram_capacity_bytes_used": float(sram),
-            "expert_weight_bytes_per_device": float(weights.max()), "hbm_fits": bool(excess.max() == 0),
-            "memory_stall_s": stall, "sram_hit_fraction": float(hits / total) if total else 0.0}
+            "expert_weight_bytes_per_device": float(weights.max()), "hbm_fits": bool(weights.max() <= hbm),
+            "hbm_cache_experts": cap_hbm, "memory_backing_tier": backing,
+            "hbm_hit_rate": hits / accesses if accesses else 1.0,
+            "hbm_fetch_bytes_per_step": worst[0] * expert.weight_bytes / (steps_mem - 1),
+            "memory_bottleneck_device": int(worst_d),
+            "memory_stall_s": config["steps"] * stall_step,
+            "sram_hit_fraction": sram_hit_tokens / tokens if tokens else 0.0}
 
 
 def evaluate(config: dict, engine: str, seed: int) -> dict:
@@ -138,7 +211,7 @@ def evaluate(config: dict, engine: str, seed: int) -> dict:
                           a2a=_a2a(config["system"], config["nodes"]))
     else:
         result = simulate(system, model, placement, trace, cost=cost, options=options, seed=seed)
-    mem = _memory(config, system, model, placement, trace, config["steps"])
+    mem = _memory(config, system, model, placement, seed)
     tokens = config["tokens"] * config["steps"]
     busy = result.total_time_s + mem["memory_stall_s"]
     price = (system.price_per_hour_usd or 0.0) * system.num_nodes

@@ -50,6 +50,8 @@ PARAMETERS: dict[str, Any] = {
     "cost": "roofline",
     "hbm_capacity_bytes": 0.0,     # 0 = the device spec's HBM (main memory) capacity
     "sram_capacity_bytes": 0.0,    # 0 = the device spec's SRAM tier (0 if none)
+    "cache_policy": "lru",         # expert-cache policy of HBM (and SRAM): a key of moesim.memory.cache.CACHE_POLICIES
+    "memory_steps": 3,             # steps of traffic replayed through the expert cache (step 0 warms it up)
 }
 STUDY_KEYS = {"name", "description", "engine", "seed"}
 TOP_KEYS = {"study", "base", "grid", "configs"}
