@@ -1,8 +1,10 @@
 """Study throughput: 1,000 configurations of a generated study, local process pool (2 workers).
 
 Grid: 3 systems (dgx-h100, dgx-h200, dgx-a100) x nodes 1..8 x 4 placement methods x 5 micro-batch
-counts x 5 HBM capacities on FLAME-MoE-290M traffic (2,048 tokens), analytic engine; the first
-1,000 of the 1,200 grid points are run (``--limit``). Acceptance: under 15 minutes on a 2-core machine.
+counts x 5 HBM capacities on FLAME-MoE-290M traffic (2,048 tokens), analytic engine, memory outputs
+from the ``moesim.memory`` expert-cache replay (default ``cache_policy = "lru"``, ``memory_steps = 3``;
+at 1 node the 250 MB HBM point does not hold a GPU's experts, so the full per-access replay runs); the
+first 1,000 of the 1,200 grid points are run (``--limit``). Acceptance: under 15 minutes on a 2-core machine.
 
     .venv/bin/python -m benchmarks.bench_study [--workers 2] [--limit 1000]
 """

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -15,13 +16,15 @@ description = "test"
 seed = 1
 [base]
 tokens = 512
+hbm_capacity_bytes = 2e8
 [grid]
 nodes = [1, 2]
 placement = ["contiguous", "round-robin"]
 micro_batches = [1, 2]
 """
 OUTPUTS = ["total_time_s", "throughput_tokens_per_s", "usd_per_million_tokens", "imbalance_mean", "comm_fraction",
-           "scale_out_bytes", "drill_device_tokens", "drill_timeline"]
+           "scale_out_bytes", "drill_device_tokens", "drill_timeline", "hbm_hit_rate", "memory_stall_s",
+           "sram_hit_fraction", "hbm_fetch_bytes_per_step"]
 
 
 def make(tmp_path, text, name="s"):
@@ -79,6 +82,10 @@ def test_executors_agree_and_resume(tmp_path):
     assert (full.loc[full["nodes"] == 1, "scale_out_bytes"] == 0).all()
     assert (full.loc[full["nodes"] == 2, "scale_out_bytes"] > 0).all()
     assert len(json.loads(full["drill_device_tokens"][0])) == 8  # layers of the FLAME trace
+    # 200 MB of HBM: one node (277 MB of experts per GPU) replays a real cache, two nodes (138 MB) fit
+    one, two = full[full["nodes"] == 1], full[full["nodes"] == 2]
+    assert (~one["hbm_fits"]).all() and (one["memory_stall_s"] > 0).all() and (one["hbm_hit_rate"] < 1).all()
+    assert two["hbm_fits"].all() and (two["memory_stall_s"] == 0).all() and (two["hbm_hit_rate"] == 1).all()
 
 
 def test_unreachable_dask_scheduler(tmp_path):
@@ -107,3 +114,80 @@ def test_report_has_expected_figures(tmp_path):
     except ImportError:
         with pytest.raises(ValueError, match="kaleido"):
             write_study_report(s, tmp_path / "r.html", drill=2, png_dir=tmp_path / "png")
+
+
+MEMORY = """
+[study]
+seed = 0
+[base]
+model = "deepseek-v3"
+traffic = "flame-remapped"
+tokens = 512
+nodes = 2
+placement = "greedy"
+memory_steps = 3
+sram_capacity_bytes = 1e9
+[grid]
+hbm_capacity_bytes = [5e7, 30e9, 60e9, 90e9]
+cache_policy = ["lru", "belady"]
+"""
+
+
+def test_memory_outputs_come_from_the_cache_simulator(tmp_path):
+    from hwmodels.specs import load_system
+    from moesim.memory.tiers import MemoryHierarchy
+    from workloads.catalog import get_model
+
+    rows = run_study(load_study(make(tmp_path, MEMORY)), executor="serial")
+    assert len(rows) == 8
+    expert_bytes = get_model("deepseek-v3").expert_weight_bytes(2)
+    fetch_s = MemoryHierarchy.from_system(load_system("dgx-h100")).transfer_time_s(expert_bytes, "host", "hbm")
+    by = rows.set_index(["cache_policy", "hbm_capacity_bytes"])
+    for hbm in (5e7, 30e9, 60e9, 90e9):
+        # Belady (furthest next use) never hits less than LRU on the same stream and placement
+        assert by.loc[("belady", hbm), "hbm_hit_rate"] >= by.loc[("lru", hbm), "hbm_hit_rate"]
+        assert by.loc[("belady", hbm), "memory_stall_s"] <= by.loc[("lru", hbm), "memory_stall_s"] + 1e-12
+    assert by.loc[("belady", 60e9), "hbm_hit_rate"] > by.loc[("lru", 60e9), "hbm_hit_rate"]  # LRU thrashes here
+    for policy in ("lru", "belady"):
+        r = by.loc[policy].sort_index()
+        # more HBM never lowers the hit rate (both are stack algorithms) and never adds stall
+        assert (r["hbm_hit_rate"].diff().dropna() >= 0).all()
+        assert (r["memory_stall_s"].diff().dropna() <= 1e-12).all()
+        assert r.loc[5e7, "hbm_hit_rate"] == 0 and r.loc[5e7, "hbm_cache_experts"] == 0  # 50 MB < one 88 MB expert
+        assert r.loc[90e9, "hbm_fits"] and r.loc[90e9, "hbm_hit_rate"] == 1 and r.loc[90e9, "memory_stall_s"] == 0
+    cached = rows[rows["hbm_cache_experts"] > 0]
+    # demand caching (no prefetch): the bottleneck GPU waits for each miss alone on PCIe, so the simulated
+    # stall is misses x (bytes / bandwidth + latency)
+    misses = cached["hbm_fetch_bytes_per_step"] / expert_bytes
+    assert (misses > 0).any()
+    np.testing.assert_allclose(cached["memory_stall_s"], misses * fetch_s, rtol=1e-9)
+    # the stall is part of the step time
+    np.testing.assert_allclose(rows["step_time_s"], rows["total_time_s"] + rows["memory_stall_s"], rtol=1e-12)
+    assert (rows.loc[rows["cache_policy"] == "belady", "sram_hit_fraction"] > 0).all()
+
+
+def test_bad_cache_parameters(tmp_path):
+    s = load_study(make(tmp_path, "[base]\ntokens = 256\ncache_policy = 'fifo'\n[grid]\nnodes = [1]\n"))
+    with pytest.raises(ValueError, match="cache_policy 'fifo' is unknown"):
+        run_study(s, executor="serial")
+    s = load_study(make(tmp_path, "[base]\ntokens = 256\nmemory_steps = 1\n[grid]\nnodes = [1]\n", "b"))
+    with pytest.raises(ValueError, match="memory_steps must be >= 2"):
+        run_study(s, executor="serial")
+
+
+def test_sub_stream_helpers_match_the_full_replay():
+    from moesim.memory.cache import first_use_plan, from_group, plan, select_accesses, stream_from_keys
+
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 12, size=200)
+    s = stream_from_keys(keys, group=np.arange(200) // 4, num_experts=12)
+    for policy in ("lru", "lfu", "belady"):  # a cache holding every key misses on first use only
+        assert (first_use_plan(s, 12, policy).hit == plan(s, 12, policy).hit).all()
+    with pytest.raises(ValueError, match="capacity >= 12"):
+        first_use_plan(s, 5, "lru")
+    even = select_accesses(s, keys % 2 == 0)
+    assert len(even) == int((keys % 2 == 0).sum()) and (even.keys % 2 == 0).all() and even.num_groups == 50
+    p = plan(s, 4, "lru")
+    sub, sub_plan = from_group(s, p, 10)
+    assert len(sub) == 200 - 40 and sub.num_groups == 40 and sub.group[0] == 0
+    assert (sub_plan.hit == p.hit[40:]).all() and sub_plan.fetches == int((~p.hit[40:]).sum())

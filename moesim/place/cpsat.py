@@ -44,6 +44,7 @@ OBJECTIVES = ("balance", "traffic", "joint")
 _STATUS = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible", cp_model.INFEASIBLE: "infeasible",
            cp_model.UNKNOWN: "unknown", cp_model.MODEL_INVALID: "invalid"}
 TRAFFIC_SCALE = 10  # traffic costs are rounded to 1/10 of a token-NVLink crossing
+HIER_MIN_DECISIONS = 4096  # experts x GPUs per layer above which multi-node problems are solved hierarchically
 
 
 @dataclass
@@ -109,6 +110,7 @@ def _solve_layer(problem: PlacementProblem, layer: int, counts: np.ndarray, hint
     loads = [problem.load[layer]]
     if problem.scenarios is not None:
         loads += [sc[layer] for sc in problem.scenarios]
+    limit0_s, t_swap = time_limit_s, time.perf_counter()
     if stage == "balance" and d_count > 1:  # sharpen the greedy warm start with swap local search
         shares = np.stack([ld / counts for ld in loads])
         hint = improve_layer(np.asarray(hint, dtype=np.int8), shares, spd,
@@ -122,8 +124,9 @@ def _solve_layer(problem: PlacementProblem, layer: int, counts: np.ndarray, hint
     if deadline_at_s is not None and not deterministic and deadline_at_s - time.perf_counter() < 0.05:
         return _keep_hint(layer, stage, hint, ws, scale, counts, spd, traffic_cost, max_load, current, max_moves,
                           0.0, "time-out")
-    if hierarchical and (current is None or max_moves is None):
-        return _solve_layer_hier(problem, layer, counts, hint, stage, ws, scale, time_limit_s, num_workers, seed,
+    if hierarchical and (current is None or max_moves is None):  # the swap search usually stops early: reuse its time
+        return _solve_layer_hier(problem, layer, counts, hint, stage, ws, scale,
+                                 limit0_s - (time.perf_counter() - t_swap), num_workers, seed,
                                  traffic_cost, max_load, deterministic, deadline_at_s)
     m = cp_model.CpModel()
     x = [[m.NewBoolVar(f"x{e}_{d}") for d in range(d_count)] for e in range(e_count)]
@@ -234,7 +237,8 @@ def _solve_layer_hier(problem, layer, counts, hint, stage, ws, scale, time_limit
         node_cost = np.rint(tc.reshape(len(counts), n_count, dpn).mean(axis=2)).astype(np.int64)
         obj = float((node_cost * chosen.reshape(len(counts), n_count, dpn).sum(axis=2)).sum()) / unit
         bound = max(0.0, node_bound / unit) if math.isfinite(node_bound) else 0.0
-    rep = LayerSolve(layer=layer, stage=stage, status=status if better else "warm-start", objective=obj,
+    status = ("optimal" if obj <= bound + 1e-12 else "feasible") if better else "warm-start"
+    rep = LayerSolve(layer=layer, stage=stage, status=status, objective=obj,
                      bound=min(bound, obj), wall_s=wall_s)
     return chosen.copy(), rep, int(hier.gpu_maxes(ws, chosen).sum())
 
@@ -302,13 +306,17 @@ def default_workers() -> int:
 
 def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30.0, num_workers: int | None = None,
           current: Placement | None = None, max_moves: int | None = None, balance_tolerance: float = 0.0,
-          sweeps: int = 1, seed: int = 0, deterministic: bool = False,
+          sweeps: int = 1, seed: int = 0, deterministic: bool = False, hierarchical: bool | None = None,
           progress: Callable[[int, int], None] | None = None) -> tuple[Placement, SolveReport]:
     """Solve ``objective`` (balance | traffic | joint) within about ``time_limit_s`` seconds of wall
     time on ``num_workers`` threads (default: all cores). Returns the placement and a report.
 
     ``deterministic``: reproducible runs (CP-SAT deterministic time units instead of wall seconds,
-    interleaved search, a swap cap in the local search); the wall time may then differ from the limit."""
+    interleaved search, a swap cap in the local search); the wall time may then differ from the limit.
+
+    ``hierarchical``: solve each layer as a node model then one GPU model per node
+    (:mod:`moesim.place.hier`); default (None): when the system has several nodes and a layer's flat
+    model would exceed :data:`HIER_MIN_DECISIONS` experts x GPUs. Not used with a migration cap."""
     if objective not in OBJECTIVES:
         raise PlacementError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
     if time_limit_s <= 0:
@@ -329,6 +337,8 @@ def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30
     # CP-SAT needs >= 2 workers for its LNS portfolio; run the remaining cores' worth of layers in parallel
     parallel = max(1, min(workers // 2, p.num_layers))
     per_solve_workers = max(2, workers // parallel)
+    if hierarchical is None:
+        hierarchical = (p.num_devices > p.devices_per_node and p.num_experts * p.num_devices > HIER_MIN_DECISIONS)
     stages = {"balance": ["balance"], "traffic": ["traffic"], "joint": ["balance", "traffic"]}[objective]
     # time budget: balance gets 2 units (it is the stage that pays in simulated time), each traffic half-sweep 1
     units = sum(2 if s == "balance" else 2 * sweeps for s in stages)
@@ -357,7 +367,7 @@ def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30
             def __call__(layer, limit, deadline):
                 return _solve_layer(p, layer, counts[layer], hint[layer], "balance", limit, per_solve_workers, seed,
                                     current=None if cur is None else cur[layer], max_moves=max_moves,
-                                    deterministic=deterministic, deadline_at_s=deadline)
+                                    deterministic=deterministic, deadline_at_s=deadline, hierarchical=hierarchical)
 
             @staticmethod
             def result(layer, a, rep, mx):
@@ -378,7 +388,7 @@ def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30
                 return _solve_layer(p, layer, counts[layer], assign[layer], "traffic", limit, per_solve_workers,
                                     seed, traffic_cost=tc, max_load=None if cap is None else cap[layer],
                                     current=None if cur is None else cur[layer], max_moves=max_moves,
-                                    deterministic=deterministic, deadline_at_s=deadline)
+                                    deterministic=deterministic, deadline_at_s=deadline, hierarchical=hierarchical)
 
             @staticmethod
             def result(layer, a, rep, mx):

@@ -30,6 +30,7 @@ from ortools.sat.python import cp_model
 from moesim.place.local import improve_layer
 
 _OK = (cp_model.OPTIMAL, cp_model.FEASIBLE)
+NODE_SHARE = 0.7  # share of a layer's time limit for the node model (the per-node GPU models are small)
 
 
 def bin_model(ws: list[np.ndarray], copies: np.ndarray, num_bins: int, bin_slots: int, per_bin_max: int,
@@ -61,6 +62,8 @@ def bin_model(ws: list[np.ndarray], copies: np.ndarray, num_bins: int, bin_slots
         if cost is None:
             mx = m.NewIntVar(0, total, "")
             m.Add(mx >= -(-total // num_bins))
+            if hint is not None:
+                m.AddHint(mx, int((w[:, None] * np.minimum(hint, ub[:, None])).sum(axis=0).max()))
             mxs.append(mx)
         elif load_caps is None or load_caps[s_i] is None:
             continue
@@ -140,7 +143,8 @@ def solve_layer(ws: list[np.ndarray], counts: np.ndarray, hint: np.ndarray, devi
             node_caps = [int((w[:, None] * node_hint).sum(axis=0).max()) for w in ws]
     kw = dict(num_workers=num_workers, seed=seed, deterministic=deterministic)
     y, status, obj, bound = bin_model(ws, counts, n_count, node_slots, devices_per_node, node_hint, cost=node_cost,
-                                  load_caps=node_caps, time_limit_s=0.5 * time_limit_s, **kw)
+                                  load_caps=node_caps, time_limit_s=(NODE_SHARE if stage == "balance" else 0.85) * time_limit_s,
+                                      **kw)
     if y is None:
         return hint.copy(), status, obj, bound
     out = np.zeros_like(hint, dtype=np.int8)
@@ -153,17 +157,20 @@ def solve_layer(ws: list[np.ndarray], counts: np.ndarray, hint: np.ndarray, devi
             sub_hint = hint[ex, sl]
         else:
             sub_hint = _lpt(wsum[ex], y[ex, n], devices_per_node, slots_per_device)
-            if sub_hint is not None and stage == "balance":
+            if sub_hint is not None:
                 sub_hint = improve_layer(sub_hint, np.stack(sub_ws).astype(float), slots_per_device,
                                          np.inf if deterministic else 0.02, max_swaps=200)
         left = t_end - time.perf_counter()
-        limit = (0.5 * time_limit_s if deterministic else max(0.01, left)) / (n_count - n)
+        limit = ((1 - NODE_SHARE) * time_limit_s if deterministic else max(0.01, left)) / (n_count - n)
         sub_cost = None if node_cost is None else traffic_cost[ex, sl]
         caps = None if gpu_caps is None else [int(c) for c in gpu_caps]
-        a, _, _, _ = bin_model(sub_ws, y[ex, n], devices_per_node, slots_per_device, 1, sub_hint, cost=sub_cost,
-                           load_caps=caps, time_limit_s=limit, **kw)
+        a = None
+        if limit >= 0.02 or deterministic:  # else: the LPT + swap packing below
+            a, _, _, _ = bin_model(sub_ws, y[ex, n], devices_per_node, slots_per_device, 1, sub_hint, cost=sub_cost,
+                                   load_caps=caps, time_limit_s=limit, **kw)
         if a is None:
-            if sub_hint is None or stage != "balance":
+            hint_ok = sub_hint is not None and (caps is None or np.all(gpu_maxes(sub_ws, sub_hint) <= caps))
+            if not hint_ok:
                 return hint.copy(), "warm-start", obj, bound
             a = sub_hint
         out[ex, sl] = a

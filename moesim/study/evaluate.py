@@ -1,18 +1,36 @@
 """Evaluate one study configuration into one results row (all inputs and outputs).
 
 Outputs (units in names): ``total_time_s`` (replayed MoE-layer makespan), ``memory_stall_s``
-(capacity model below), ``step_time_s`` = (total + stall) / steps, ``throughput_tokens_per_s``,
+(memory model below), ``step_time_s`` = (total + stall) / steps, ``throughput_tokens_per_s``,
 ``cost_usd_per_hour`` (system price per node-hour x nodes), ``usd_per_million_tokens``,
 ``imbalance_mean``/``imbalance_max`` (tokens per device, max/mean), ``comm_fraction``, bytes per
-link kind, ``expert_weight_bytes_per_device`` (max over devices), ``hbm_fits``, ``sram_hit_fraction``.
+link kind, ``expert_weight_bytes_per_device`` (max over devices), ``hbm_fits``, ``hbm_cache_experts``,
+``hbm_hit_rate``, ``hbm_fetch_bytes_per_step``, ``memory_bottleneck_device``, ``memory_backing_tier``,
+``sram_hit_fraction``.
 
-Memory capacity model (simple, documented; the detailed cache models live in ``moesim/memory``):
-a device holds the weights of the expert slots the placement gives it, for every MoE layer
-(routed experts only; attention and shared-expert weights are not counted). When those exceed the
-HBM capacity, the excess is streamed from host memory over the host link once per step:
-``memory_stall_s = steps * max_d(excess_d) / host_link bandwidth``. ``sram_hit_fraction`` is the
-fraction of routed (token, expert) choices whose expert weights would sit in on-chip SRAM if each
-device kept its most-used (layer, expert) weights there -- a static-cache hit rate.
+Memory model: the expert-cache simulator of ``moesim.memory`` (``cache.plan`` + ``cache.replay_timed``).
+A device holds the weights of the expert slots the placement gives it, for every MoE layer (routed
+experts only; attention and shared-expert weights are not counted). Its HBM (``hbm_capacity_bytes``, or
+the spec's main memory) is an expert cache of ``hbm_capacity_bytes // expert bytes`` experts under
+``cache_policy`` (a key of ``moesim.memory.cache.CACHE_POLICIES``); misses are fetched from the backing
+tier (``ddr`` when the device has one, as on SN40L, else host memory over the host link, e.g. PCIe).
+The replayed access stream is ``memory_steps`` steps of the study's traffic (not ``steps``), one batch
+per micro-batch (``tokens / micro_batches`` tokens); in a batch, layers run in order and each device
+uses every expert it holds that the batch routes to (an expert with replicas counts on every device
+holding it). The cache starts cold; step 0 warms it and is not measured. Outputs over steps 1..:
+
+- ``hbm_hit_rate``: hits / accesses over all devices (an access = one expert's weights used by one batch);
+- the *bottleneck device* is the one with the most fetches; ``hbm_fetch_bytes_per_step`` are its
+  fetched bytes per step, and its plan is played in SimPy (``replay_timed``: fetches share the
+  backing link, compute waits for them) -> ``memory_stall_s = steps * stall per replayed step``, added
+  to the makespan (no overlap with communication assumed). A cache of 0 experts fetches every access
+  one after the other (closed form). A cache holding all of a device's experts under a demand policy
+  (lru/lfu/belady) misses on first use only (computed without the per-access loop; exact);
+- ``sram_hit_fraction``: SRAM (``sram_capacity_bytes``, or the spec's ``sram`` tier) as a second cache
+  level with the same policy over the same stream: the fraction of routed (token, expert) choices of
+  steps 1.. whose expert was resident in SRAM. Logical only: its effect on time is not modelled.
+
+Results are deterministic: every random choice uses ``seed`` (``pregate`` gets ``default_rng(seed)``).
 
 Drill-down columns (JSON text): ``drill_device_tokens`` [layers][devices] choices computed per
 device; ``drill_timeline`` list of [op, layer, start_s, end_s] for step 0, micro-batch 0.
