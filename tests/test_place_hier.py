@@ -33,7 +33,7 @@ def test_hier_balance_bound_brackets_brute_force(load, replicas):
     assert got == pytest.approx(optimum)  # tiny: the node then GPU models reach the optimum here
 
 
-def test_hier_keeps_the_invariants_and_never_loses_to_the_warm_start():
+def test_hier_keeps_the_invariants_and_stays_close_to_the_flat_model():
     rng = np.random.default_rng(3)
     layers, experts, devices, per_node = 3, 32, 8, 4
     load = rng.gamma(0.7, 40.0, size=(layers, experts)).astype(np.int64) + 1
@@ -52,6 +52,6 @@ def test_hier_keeps_the_invariants_and_never_loses_to_the_warm_start():
             hier_max = device_load(p, a).max(axis=1)
             flat_max = device_load(p, placement_to_assignment(flat_b)).max(axis=1)
             assert np.all(hier_max <= 1.05 * flat_max + 1e-9)
-        else:  # one traffic solve per layer, each no worse than its (balance-stage) warm start
-            assert len(report.stage("traffic")) == layers
+        else:  # hierarchical traffic solves the odd layers (even ones fixed): that covers every layer pair
+            assert [s.layer for s in report.stage("traffic")] == list(range(1, layers, 2))
             assert {s.status for s in report.stage("traffic")} <= {"optimal", "feasible", "warm-start", "time-out"}

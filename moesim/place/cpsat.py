@@ -16,6 +16,9 @@ so the split rule "each replica serves 1/r of its expert's tokens" keeps the mod
 - joint: lexicographic with a tolerance: first the balance optimum ``M*`` per layer, then the
   traffic model under ``M <= (1 + balance_tolerance) * M*`` (M: the balance objective).
 
+Multi-node systems whose flat layer model exceeds ``HIER_MIN_DECISIONS`` (experts x GPUs) are solved
+by the node-then-GPU decomposition of :mod:`moesim.place.hier` (DeepSeek-V3 scale on few cores).
+
 All three accept a migration cap: at most ``max_moves`` new (expert, GPU) copies per layer that
 the current placement does not have. Every solve is warm-started (AddHint) from the greedy packing
 or the incumbent (for balance: greedy sharpened by swap local search, :mod:`moesim.place.local`),
@@ -341,10 +344,14 @@ def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30
         hierarchical = (p.num_devices > p.devices_per_node and p.num_experts * p.num_devices > HIER_MIN_DECISIONS)
     stages = {"balance": ["balance"], "traffic": ["traffic"], "joint": ["balance", "traffic"]}[objective]
     # time budget: balance gets 2 units (it is the stage that pays in simulated time), each traffic half-sweep 1
-    units = sum(2 if s == "balance" else 2 * sweeps for s in stages)
+    # hierarchical: one half-sweep (odd layers, even layers fixed) per sweep; it already covers every pair
+    # (l, l+1) of consecutive layers, and the node models need the time (about 0.3 s each on 2 cores)
+    parities = (1,) if hierarchical and p.num_layers > 1 else (1, 0)
+    units = sum(2 if s == "balance" else len(parities) * sweeps for s in stages)
     safety = 0.9  # leave time for model building and bookkeeping
     total = [0]
-    n_total = p.num_layers * sum(1 if s == "balance" else sweeps for s in stages)
+    n_traffic = sweeps * sum(1 for l in range(p.num_layers) if l % 2 in parities)
+    n_total = sum(p.num_layers if s == "balance" else n_traffic for s in stages)
 
     def run_wave(layers: list[int], stage: str, budget_s: float, fn) -> None:
         waves = -(-len(layers) // parallel)
@@ -395,7 +402,7 @@ def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30
                 assign[layer] = a
 
         for _ in range(sweeps):
-            for parity in (1, 0):
+            for parity in parities:
                 layers = [l for l in range(p.num_layers) if l % 2 == parity]
                 if layers:
                     run_wave(layers, "traffic", unit_s, Tra())
