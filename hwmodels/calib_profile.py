@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from hwmodels.cost import DTYPE_BYTES
+from moesim.parquet_io import read_with_header, write_with_header
 
 META_KEY = b"moesim.profile"
 FORMAT_VERSION = 1
@@ -209,36 +210,22 @@ def make_rows(records: list[dict]) -> pd.DataFrame:
 def write_profile(rows: pd.DataFrame, meta: dict, path: str | Path) -> Path:
     """Write a profile (validated first) atomically to ``path``."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     prof = Profile(rows=rows, meta={"format_version": FORMAT_VERSION, **meta}, path=str(path))
     validate_profile(prof)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(rows[COLUMNS], preserve_index=False)
-    table = table.replace_schema_metadata({META_KEY: json.dumps(prof.meta, sort_keys=True, default=str).encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
-    return path
+    return write_with_header(table, path, META_KEY, json.dumps(prof.meta, sort_keys=True, default=str))
 
 
 def read_profile(path: str | Path) -> Profile:
     """Read and validate a profile; an empty, damaged or foreign Parquet file raises ProfileError naming it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = Path(path)
-    if not path.exists():
-        raise ProfileError(f"{path}: no such profile file (write one with 'moesim calibrate --out {path}')")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise ProfileError(f"{path}: not a readable Parquet file (empty, truncated or damaged?): {exc}") from None
-    raw = (table.schema.metadata or {}).get(META_KEY)
-    if raw is None:
-        raise ProfileError(f"{path}: Parquet file has no moesim profile header; is it a profile written by "
-                           "'moesim calibrate'? (a trace or another table is not a profile)")
+    table, raw = read_with_header(path, META_KEY, ProfileError, "profile", "profile header",
+                                  missing_hint=f" (write one with 'moesim calibrate --out {path}')",
+                                  foreign_hint="is it a profile written by 'moesim calibrate'? "
+                                               "(a trace or another table is not a profile)")
     try:
         meta = json.loads(raw.decode())
     except (ValueError, UnicodeDecodeError) as exc:

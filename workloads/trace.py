@@ -212,33 +212,20 @@ def validate(trace: Trace) -> None:
 def write_parquet(trace: Trace, path: str | Path) -> Path:
     """Write a validated trace to Parquet (atomically: a temp file renamed into place)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from moesim.parquet_io import write_with_header
 
     validate(trace)
-    path = Path(path)
     table = pa.table({k: pa.array(v) for k, v in trace.columns.items()})
-    table = table.replace_schema_metadata({META_KEY: trace.meta.to_json().encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
-    return path
+    return write_with_header(table, path, META_KEY, trace.meta.to_json())
 
 
 def read_parquet(path: str | Path) -> Trace:
     """Read and validate a Parquet trace; a damaged or foreign file raises TraceError naming it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from moesim.parquet_io import read_with_header
 
     path = Path(path)
-    if not path.exists():
-        raise TraceError(f"{path}: no such trace file")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise TraceError(f"{path}: not a readable Parquet file (truncated or damaged?): {exc}") from None
-    meta_raw = (table.schema.metadata or {}).get(META_KEY)
-    if meta_raw is None:
-        raise TraceError(f"{path}: Parquet file has no moesim trace metadata; is it a moesim trace?")
+    table, meta_raw = read_with_header(path, META_KEY, TraceError, "trace", "trace metadata")
     try:
         meta = TraceMeta.from_json(meta_raw.decode())
     except (KeyError, ValueError, TypeError) as exc:

@@ -244,12 +244,8 @@ def _pin_models(counts: np.ndarray, models: list[ExpertModel], dep: Deployment, 
     unit = max(1.0, min(models[e].weight_bytes for e in cand) / dep.tp / 1000.0)
     m.Add(sum(int(round(models[e].weight_bytes / dep.tp / unit)) * x[e] for e in cand) <= int(budget_bytes // unit))
     m.Maximize(sum(int(round(counts[e] * dep.switch_s(models[e]) * 1e6)) * x[e] for e in cand))
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
-    solver.parameters.num_workers = 1
-    solver.parameters.random_seed = 0
-    st = solver.Solve(m)
-    if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    solver = _solve(m, time_limit_s)
+    if solver is None:
         return set()
     return {int(e) for e in cand if solver.Value(x[e])}
 
@@ -280,14 +276,22 @@ def _order_groups(groups: list[tuple[int, list[Request]]], dur: list[float], now
     m.AddNoOverlap(ivs)
     big = sum(len(r) for _, r in groups) + 1
     m.Minimize(big * sum(late) + sum(len(groups[j][1]) * ends[j] for j in range(n)))
+    solver = _solve(m, time_limit_s)
+    if solver is None:
+        return list(range(n))
+    return sorted(range(n), key=lambda j: (solver.Value(starts[j]), j))
+
+
+def _solve(m, time_limit_s: float):
+    """Solve a CP-SAT model deterministically (one worker, seed 0); the solver, or None if no solution."""
+    from ortools.sat.python import cp_model
+
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = 0
     st = solver.Solve(m)
-    if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return list(range(n))
-    return sorted(range(n), key=lambda j: (solver.Value(starts[j]), j))
+    return solver if st in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
 
 
 def serve(requests: list[Request], models: list[ExpertModel], dep: Deployment, *, scheduler: str = "fifo",
