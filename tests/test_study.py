@@ -114,6 +114,14 @@ def test_report_has_expected_figures(tmp_path):
     except ImportError:
         with pytest.raises(ValueError, match="kaleido"):
             write_study_report(s, tmp_path / "r.html", drill=2, png_dir=tmp_path / "png")
+        return
+    # kaleido is in the dev extra and Chromium is installed by .ci/run: static PNGs for papers
+    write_study_report(s, tmp_path / "r.html", drill=2, png_dir=tmp_path / "png")
+    pngs = sorted((tmp_path / "png").glob("fig-*.png"))
+    assert len(pngs) == 4
+    for png in pngs:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
 MEMORY = """

@@ -179,20 +179,21 @@ def write_study_report(study, out: str | Path | None = None, *, drill: int = 24,
 
 
 def export_png(figures, png_dir: str | Path) -> list[Path]:
-    """Static PNGs of the figures via kaleido (which needs Chrome/Chromium). Clear error when missing."""
+    """Static PNGs of the figures (for papers) via kaleido, which drives a Chrome/Chromium it finds on
+    the machine (Debian's ``chromium`` works). One browser session for all figures. Clear error when missing."""
     try:
         import kaleido  # noqa: F401
     except ImportError:
         raise ValueError("PNG export needs the 'kaleido' package (pip install kaleido) and a Chrome/Chromium "
                          "browser; the HTML report was written") from None
+    import plotly.io as pio
+
     png_dir = Path(png_dir)
     png_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for n, (heading, fig) in enumerate(figures):
-        p = png_dir / f"fig-{n}.png"
-        try:
-            fig.write_image(p, width=1200, height=fig.layout.height or 500)
-        except Exception as exc:  # kaleido raises its own types when it cannot start a browser
-            raise ValueError(f"PNG export failed for figure {n} ({heading}): {exc}; the HTML report was written") from None
-        paths.append(p)
+    paths = [png_dir / f"fig-{n}.png" for n in range(len(figures))]
+    figs = [fig for _, fig in figures]
+    try:
+        pio.write_images(figs, paths, width=1200, height=[f.layout.height or 500 for f in figs])
+    except Exception as exc:  # kaleido raises its own types when it cannot start a browser
+        raise ValueError(f"PNG export failed ({exc}); is Chrome/Chromium installed? The HTML report was written") from None
     return paths
