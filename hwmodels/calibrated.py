@@ -52,16 +52,17 @@ class OpFit:
 
     def predict(self, kern: Kernels, n_rows: int) -> np.ndarray:
         """Times [n_rows] (s) of the op rows whose kernels are ``kern``."""
-        t_k = np.maximum(kern.flops / self.peak_flops_per_s, kern.bytes / self.bandwidth_bytes_per_s)
-        return kern.launches * self.launch_s + np.bincount(kern.row, weights=t_k, minlength=n_rows)
+        return _row_times(kern, n_rows, self.launch_s, 1.0 / self.peak_flops_per_s, 1.0 / self.bandwidth_bytes_per_s)
+
+
+def _row_times(kern: Kernels, n_rows: int, launch_s: float, s_per_flop: float, s_per_byte: float) -> np.ndarray:
+    """The roofline per op row: launches x launch_s + sum over its kernels of max(flops, bytes) times their cost."""
+    t_k = np.maximum(kern.flops * s_per_flop, kern.bytes * s_per_byte)
+    return kern.launches * launch_s + np.bincount(kern.row, weights=t_k, minlength=n_rows)
 
 
 def _predict_x(x: np.ndarray, kern: Kernels, n_rows: int, fit_peak: bool, fit_bw: bool) -> np.ndarray:
-    launch = np.exp(x[0])
-    inv_p = np.exp(x[1]) if fit_peak else 0.0
-    inv_w = np.exp(x[2]) if fit_bw else 0.0
-    t_k = np.maximum(kern.flops * inv_p, kern.bytes * inv_w)
-    return kern.launches * launch + np.bincount(kern.row, weights=t_k, minlength=n_rows)
+    return _row_times(kern, n_rows, np.exp(x[0]), np.exp(x[1]) if fit_peak else 0.0, np.exp(x[2]) if fit_bw else 0.0)
 
 
 def fit_op(op: str, kern: Kernels, times_s: np.ndarray) -> OpFit:

@@ -113,6 +113,18 @@ class RooflineCost:
         return OpCost(t, g.flops, g.bytes + sm_bytes)
 
 
-from hwmodels.calib_entry import CalibratedEntry  # noqa: E402  (lazy: avoids an import cycle)
+
+class CalibratedEntry:
+    """Factory of the ``calibrated`` cost model (``moesim simulate --cost calibrated --profile P``); imports
+    :mod:`hwmodels.calibrated` only when used, since that module imports this one."""
+
+    name = "calibrated"
+
+    @staticmethod
+    def from_profile(profile_path, device=None, **kwargs):
+        from hwmodels.calibrated import CalibratedCost
+
+        return CalibratedCost.from_profile(profile_path, device, **kwargs)
+
 
 COST_MODELS = {"roofline": RooflineCost, "calibrated": CalibratedEntry}

@@ -13,7 +13,7 @@ from moesim.place import BASELINES, PlacementProblem, problem_from_trace, replic
 from moesim.place.baselines import device_load, greedy_assignment
 from moesim.place.cpsat import _solve_layer, traffic_cost_matrix, traffic_of
 from moesim.place.local import improve_layer
-from moesim.place.problem import (affinity_from_choices, assignment_to_placement, bootstrap_scenarios,
+from moesim.place.problem import (assignment_to_placement, bootstrap_scenarios,
                                   placement_to_assignment)
 from moesim.placement import PlacementError
 from workloads.trace import TraceMeta, from_dense
@@ -209,8 +209,9 @@ def test_affinity_and_scenarios_from_a_trace():
     meta = TraceMeta(model="toy", num_experts=4, top_k=1, num_layers=2, source="test")
     ids = np.array([[[0], [1]], [[0], [1]], [[2], [3]]])
     trace = from_dense(ids, None, meta)
-    c = trace.columns
-    aff = affinity_from_choices(c["layer"], c["token"], c["expert"], 2, 4)
+    from workloads.stats import pair_count_matrices
+
+    aff = pair_count_matrices(trace)
     assert aff[0, 0, 1] == 2 and aff[0, 2, 3] == 1 and aff.sum() == 3
     sc = bootstrap_scenarios(trace, 5, np.random.default_rng(0))
     assert sc.shape == (5, 2, 4) and (sc.sum(axis=(1, 2)) == 6).all()  # 3 tokens x 2 layers per resample

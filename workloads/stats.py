@@ -9,7 +9,8 @@ Public functions (used by placement / memory / studies):
 - :func:`expert_load` ``[L, E]`` selection counts; :func:`load_fraction` ``[L, E]`` rows summing to 1.
 - :func:`imbalance` ``[L]`` max/mean; :func:`load_entropy` ``[L]`` bits; :func:`gini` ``[L]``.
 - :func:`affinity` ``[E, E]`` P(expert j at layer l+1 | expert i at layer l); :func:`affinity_matrices`
-  ``[L-1, E, E]``; :func:`pair_counts` the raw ``[E, E]`` counts behind them.
+  ``[L-1, E, E]``; :func:`pair_counts` the raw ``[E, E]`` counts behind them (:func:`pair_count_matrices`
+  for all layers at once).
 - :func:`temporal_locality` ``[L]`` mean overlap of consecutive tokens' expert sets.
 - :func:`coactivation` ``[E, E]`` how often two experts serve the same token in one layer.
 - :func:`tvd` total-variation distance between two distributions; :func:`layer_summary` rows for tables.
@@ -86,10 +87,11 @@ def _token_index(trace: Trace) -> tuple[np.ndarray, int]:
     return inv.astype(np.int64), int(uniq.size)
 
 
-def incidence(trace: Trace, layer: int) -> sparse.csr_matrix:
-    """Token x expert 0/1 matrix of one layer, ``[tokens, E]`` (tokens = all distinct (step, token) of the trace)."""
+def incidence(trace: Trace, layer: int, token_index: tuple[np.ndarray, int] | None = None) -> sparse.csr_matrix:
+    """Token x expert 0/1 matrix of one layer, ``[tokens, E]`` (tokens = all distinct (step, token) of the trace).
+    ``token_index``: :func:`_token_index` of the trace, when the caller already has it."""
     _check_layer(trace, layer)
-    tidx, n_tok = _token_index(trace)
+    tidx, n_tok = token_index if token_index is not None else _token_index(trace)
     m = trace.columns["layer"] == layer
     data = np.ones(int(m.sum()), dtype=np.float64)
     return sparse.csr_matrix((data, (tidx[m], trace.columns["expert"][m])), shape=(n_tok, trace.meta.num_experts))
@@ -110,6 +112,19 @@ def pair_counts(trace: Trace, layer: int, next_layer: int | None = None) -> np.n
     _check_layer(trace, nxt)
     a, b = incidence(trace, layer), incidence(trace, nxt)
     return np.asarray((a.T @ b).todense(), dtype=np.float64)
+
+
+def pair_count_matrices(trace: Trace) -> np.ndarray:
+    """:func:`pair_counts` of every consecutive layer pair, ``[L-1, E, E]`` int64 (empty for one layer)."""
+    e, n_layers = trace.meta.num_experts, trace.meta.num_layers
+    out = np.zeros((max(n_layers - 1, 0), e, e), dtype=np.int64)
+    if n_layers < 2:
+        return out
+    index = _token_index(trace)
+    inc = [incidence(trace, layer, index) for layer in range(n_layers)]
+    for layer in range(n_layers - 1):
+        out[layer] = np.rint((inc[layer].T @ inc[layer + 1]).toarray()).astype(np.int64)
+    return out
 
 
 def affinity(trace: Trace, layer: int, *, smoothing: float = 0.0) -> np.ndarray:

@@ -101,31 +101,6 @@ def validate_shape(num_experts: int, num_devices: int, slots_per_device: int, nu
                              f"an expert per GPU: {num_experts * (num_devices - 1)} replicas)")
 
 
-def affinity_from_choices(layer: np.ndarray, token: np.ndarray, expert: np.ndarray, num_layers: int,
-                          num_experts: int) -> np.ndarray:
-    """Inter-layer affinity [layers - 1, experts, experts] from trace rows (arrays of equal length).
-
-    ``token`` must identify a token across layers (e.g. step * max_tokens + token)."""
-    out = np.zeros((max(num_layers - 1, 0), num_experts, num_experts), dtype=np.int64)
-    if num_layers < 2:
-        return out
-    uniq, inv = np.unique(token, return_inverse=True)
-    by_layer = np.argsort(layer, kind="stable")
-    bounds = np.searchsorted(layer[by_layer], np.arange(num_layers + 1))
-    for l_i in range(num_layers - 1):
-        a = by_layer[bounds[l_i]:bounds[l_i + 1]]
-        b = by_layer[bounds[l_i + 1]:bounds[l_i + 2]]
-        # one-hot [tokens, experts] per layer (sparse via bincount on pairs)
-        ta, ea = inv[a], expert[a]
-        tb, eb = inv[b], expert[b]
-        ma = np.zeros((len(uniq), num_experts))
-        mb = np.zeros((len(uniq), num_experts))
-        np.add.at(ma, (ta, ea), 1.0)
-        np.add.at(mb, (tb, eb), 1.0)
-        out[l_i] = np.rint(ma.T @ mb).astype(np.int64)  # float BLAS product: exact for counts < 2**53
-    return out
-
-
 def problem_from_trace(trace, num_devices: int, devices_per_node: int, *, num_replicas: int = 0,
                        slots_per_device: int | None = None, num_experts: int | None = None,
                        cross_gpu_cost: float = 1.0, cross_node_cost: float = 1.0,
@@ -147,9 +122,9 @@ def problem_from_trace(trace, num_devices: int, devices_per_node: int, *, num_re
         slots_per_device = min_slots_per_device(m.num_experts, num_devices, num_replicas)
     affinity = None
     if with_affinity:
-        c = trace.columns
-        tok = c["step"].astype(np.int64) * (int(c["token"].max()) + 1) + c["token"]
-        affinity = affinity_from_choices(c["layer"], tok, c["expert"], m.num_layers, m.num_experts)
+        from workloads.stats import pair_count_matrices
+
+        affinity = pair_count_matrices(trace)
     scenarios = None
     if num_scenarios > 0:
         scenarios = bootstrap_scenarios(trace, num_scenarios, rng if rng is not None else np.random.default_rng(0))
