@@ -14,21 +14,24 @@ from pathlib import Path
 
 import numpy as np
 
+from moebase.units import MS
 
-def main(argv: list[str] | None = None) -> int:
-    import torch
 
-    from moesim.cli.capture import demo_model, stdlib_bytes
-    from workloads.capture import capture
-    from workloads.importers import load_trace
-
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--block", type=int, default=5, help="steps per block (one block without, one with hook)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--out", default="benchmarks/results/capture.md")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _trainer(args: argparse.Namespace):
+    """(step, model, optimizer): ``step()`` runs one seeded training step and returns its seconds."""
+    import torch
+
+    from moesim.cli.capture import demo_model, stdlib_bytes
 
     torch.manual_seed(0)
     text = torch.from_numpy(stdlib_bytes().astype(np.int64))
@@ -45,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         opt.zero_grad()
         return time.perf_counter() - t0
+
+    return step, model, opt
+
+
+def _measure(args: argparse.Namespace, step, model, opt) -> dict:
+    """Alternating blocks of plain and hooked steps; step times, close times, rows and in-hook seconds."""
+    from workloads.capture import capture
+    from workloads.importers import load_trace
 
     for _ in range(3):  # warm-up
         step()
@@ -72,12 +83,19 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
             close_s.append(time.perf_counter() - t0)
             rows += len(load_trace(d))
+    return {"plain": plain, "hooked": hooked, "close_s": close_s, "rows": rows, "in_hooks_s": in_hooks[0]}
+
+
+def _markdown(args: argparse.Namespace, m: dict) -> str:
+    import torch
+
+    plain, hooked = m["plain"], m["hooked"]
     p, h = np.median(plain), np.median(hooked)
     overhead = h / p - 1
     mean_over = np.mean(hooked) / np.mean(plain) - 1
-    hook_ms = in_hooks[0] / len(hooked) * 1e3
-    hook_share = in_hooks[0] / len(hooked) / p
-    text_md = f"""# Capture-hook overhead (CPU training step)
+    hook_ms = m["in_hooks_s"] / len(hooked) / MS
+    hook_share = m["in_hooks_s"] / len(hooked) / p
+    return f"""# Capture-hook overhead (CPU training step)
 
 Command: `python -m benchmarks.bench_capture --rounds {args.rounds} --block {args.block} --batch {args.batch} --seq-len {args.seq_len}`
 
@@ -89,17 +107,23 @@ Machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__v
 
 | | median step (ms) | mean step (ms) |
 |---|---|---|
-| without hook | {p * 1e3:.2f} | {np.mean(plain) * 1e3:.2f} |
-| with hook | {h * 1e3:.2f} | {np.mean(hooked) * 1e3:.2f} |
+| without hook | {p / MS:.2f} | {np.mean(plain) / MS:.2f} |
+| with hook | {h / MS:.2f} | {np.mean(hooked) / MS:.2f} |
 | overhead | {overhead * 100:+.2f} % | {mean_over * 100:+.2f} % |
 
 Time the training thread spends inside the capture hooks (router hooks, step counting, batched host copy
 and hand-off; timed directly, so unaffected by the machine's noise): {hook_ms:.3f} ms per step =
 {hook_share * 100:.2f} % of the median plain step. The Parquet writing runs on the background thread.
 
-Rows captured: {rows}. Closing a capture (final flush + writer join + manifest), median: {np.median(close_s) * 1e3:.1f} ms
+Rows captured: {m['rows']}. Closing a capture (final flush + writer join + manifest), median: {np.median(m['close_s']) / MS:.1f} ms
 (once per run, not per step). Target: overhead <= 5 %: {'met' if max(overhead, hook_share) <= 0.05 else 'NOT met'} (median step and in-hook time).
 """
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    step, model, opt = _trainer(args)
+    text_md = _markdown(args, _measure(args, step, model, opt))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text_md)

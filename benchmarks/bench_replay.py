@@ -18,7 +18,7 @@ import platform
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks import write_result
 
 
 def run(tokens: int, step_tokens: int, engines: list[str]) -> list[dict]:
@@ -66,11 +66,7 @@ def main(argv: list[str] | None = None) -> Path:
     for r in rows:
         lines.append(f"| {r['engine']} | {r['tokens']:,} | {r['steps']} | {r['token_layer_ranks']:,} | {r['wall_s']:.1f} | "
                      f"{r['per_s'] / 1e6:.2f} M | {r['simulated_s']:.4f} |")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "replay.md"
-    path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return path
+    return write_result("replay", lines)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks import write_result
 GRID = """[study]
 name = "bench_1000"
 engine = "analytic"
@@ -55,11 +55,7 @@ def main(argv: list[str] | None = None) -> Path:
              "|---|---|---|---|---|---|",
              f"| {len(rows)} | {args.workers} | {wall:.1f} | {len(rows) / wall * 60:.0f} | {rows['eval_wall_s'].mean():.3f} | "
              f"{'pass' if wall < 900 and len(rows) >= 1000 else 'FAIL'} |"]
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "study.md"
-    path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return path
+    return write_result("study", lines)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hwmodels.cost import DTYPE_BYTES
-from moesim.parquet_io import read_with_header, write_with_header
+from hwmodels.roofline import DTYPE_BYTES, gemm_bytes, gemm_flops, softmax_topk_bytes
+from moebase.parquet_io import read_with_header, write_with_header
 
 META_KEY = b"moesim.profile"
 FORMAT_VERSION = 1
@@ -88,9 +88,14 @@ class Kernels:
     launches: np.ndarray
 
 
+#: bytes of one int64 row index (permute / unpermute read one per moved row)
+INDEX_BYTES = 8
+
+
 def _gemm(m, n, k, b):
+    """(FLOPs, bytes) of [m, k] x [k, n]: the roofline's formulas, in floats."""
     m, n, k = (np.asarray(x, dtype=float) for x in (m, n, k))
-    return 2.0 * m * n * k, (m * k + k * n + m * n) * b
+    return gemm_flops(m, n, k), gemm_bytes(m, n, k, b)
 
 
 def ffn_expert_kernels(tokens_per_expert: np.ndarray, hidden_size: int, intermediate_size: int, dtype_bytes: int):
@@ -108,21 +113,21 @@ def ffn_expert_kernels(tokens_per_expert: np.ndarray, hidden_size: int, intermed
 def router_kernels(tokens: float, hidden_size: float, num_experts: float, dtype_bytes: int):
     """GEMM, then softmax + top-k over fp32 logits (reads and writes them once each)."""
     fg, bg = _gemm(tokens, num_experts, hidden_size, dtype_bytes)
-    sm_bytes = 2.0 * tokens * num_experts * 4
+    sm_bytes = softmax_topk_bytes(tokens, num_experts)
     return np.array([float(fg), 5.0 * tokens * num_experts]), np.array([float(bg), sm_bytes])
 
 
 def permute_kernels(tokens: float, hidden_size: float, top_k: float, dtype_bytes: int):
     """Gather: reads and writes tokens*top_k rows of hidden_size, plus int64 indices."""
     rows = tokens * top_k
-    return np.array([0.0]), np.array([2.0 * rows * hidden_size * dtype_bytes + 8.0 * rows])
+    return np.array([0.0]), np.array([2.0 * rows * hidden_size * dtype_bytes + INDEX_BYTES * rows])
 
 
 def unpermute_kernels(tokens: float, hidden_size: float, top_k: float, dtype_bytes: int):
     """Weighted scatter-add: scale rows (read+write), zero + accumulate into tokens rows."""
     rows = tokens * top_k
     scale_b = 2.0 * rows * hidden_size * dtype_bytes
-    add_b = (rows * hidden_size + 2.0 * tokens * hidden_size) * dtype_bytes + 8.0 * rows
+    add_b = (rows * hidden_size + 2.0 * tokens * hidden_size) * dtype_bytes + INDEX_BYTES * rows
     return np.array([rows * hidden_size, rows * hidden_size]), np.array([scale_b, add_b])
 
 

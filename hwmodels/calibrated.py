@@ -29,10 +29,27 @@ import pandas as pd
 from hwmodels.calib_profile import (COPY_OPS, Kernels, Profile, ProfileError, copy_kernels, ffn_expert_kernels,
                                     launches_of, op_kernels, permute_kernels, read_profile, router_kernels,
                                     unpermute_kernels)
-from hwmodels.cost import DTYPE_BYTES, OpCost, RooflineCost, gemm_bytes, gemm_flops
+from hwmodels.roofline import DTYPE_BYTES, OpCost, RooflineCost, gemm_bytes, gemm_flops
 from hwmodels.specs import Device, MemoryTier
+from moebase.units import GB, GFLOPS, NS, PFLOPS, TB, TiB
 
 MODES = ("auto", "roofline", "table")
+
+# placeholders of a fitted device for what a profile does not measure (its sources say "assumed"/"placeholder")
+_PLACEHOLDER_BANDWIDTH_BYTES_PER_S = 10 * GB  # no copy/permute/gemm bandwidth fitted
+_PLACEHOLDER_PEAK_FLOPS_PER_S = 100 * GFLOPS  # the gemm fit saw no compute-bound kernel
+_PLACEHOLDER_CAPACITY_BYTES = TiB  # capacity is not measured: large enough never to bind
+
+
+#: physical bounds of a fitted op (one device): beyond them a fitted limit is "not limiting" (inf)
+_MAX_PLAUSIBLE_FLOPS_PER_S = 1e6 * PFLOPS
+_MAX_PLAUSIBLE_BYTES_PER_S = 10_000 * TB
+#: below this a fitted launch latency is not measurable: 0
+_MIN_MEASURABLE_LAUNCH_S = NS
+
+
+class TooFewShapesError(ProfileError):
+    """A fit with fewer measured shapes than parameters (it would match any data exactly)."""
 
 
 class CalibrationWarning(UserWarning):
@@ -65,13 +82,27 @@ def _predict_x(x: np.ndarray, kern: Kernels, n_rows: int, fit_peak: bool, fit_bw
     return _row_times(kern, n_rows, np.exp(x[0]), np.exp(x[1]) if fit_peak else 0.0, np.exp(x[2]) if fit_bw else 0.0)
 
 
+#: floor of a fitted coefficient before its log (s per launch, s per FLOP, s per byte): keeps log() finite
+_TINY = 1e-30
+#: at most this many intensity thresholds seed the regime search (quantiles beyond it; ~ms per threshold)
+_MAX_REGIME_THRESHOLDS = 200
+#: the best regime assignments kept as starting points of the nonlinear fit, plus one scale-based start
+_STARTS_FROM_REGIMES = 3
+#: lower clamp of a start's log-parameter (exp(-60) ~ 1e-26: effectively "not limiting")
+_LOG_FLOOR = -60.0
+#: least-squares stopping tolerances (relative; tight, since the fit is small and times span decades)
+_LSQ_TOL = 1e-15
+#: cap on residual evaluations of one least-squares start
+_LSQ_MAX_NFEV = 4000
+
+
 def fit_op(op: str, kern: Kernels, times_s: np.ndarray) -> OpFit:
     """Fit (launch_s, peak, bandwidth) of one op to measured ``times_s`` [R] (s) by least squares on
     relative error (scipy ``least_squares`` in log-parameters, several starts, best kept).
 
     A parameter the data cannot see (no FLOPs at all, e.g. copies) is left at infinity.
     """
-    from scipy.optimize import least_squares, nnls
+    from scipy.optimize import least_squares
 
     t = np.asarray(times_s, dtype=float)
     n = len(t)
@@ -79,11 +110,50 @@ def fit_op(op: str, kern: Kernels, times_s: np.ndarray) -> OpFit:
         raise ProfileError(f"no measurements of op {op!r} to fit")
     fit_peak = bool(np.any(kern.flops > 0))
     fit_bw = bool(np.any(kern.bytes > 0))
-    f_row = np.bincount(kern.row, weights=kern.flops, minlength=n)
-    b_row = np.bincount(kern.row, weights=kern.bytes, minlength=n)
-    # starts: the model is linear in (launch, 1/peak, 1/bandwidth) once each kernel's regime (compute- or
-    # memory-bound) is fixed, so alternate non-negative least squares (relative) with regime updates
-    tiny = 1e-30
+    n_params = 1 + fit_peak + fit_bw
+    if n < n_params:
+        raise TooFewShapesError(f"op {op!r}: {n} measured shape(s) cannot determine {n_params} parameters (launch"
+                                f"{', peak' if fit_peak else ''}{', bandwidth' if fit_bw else ''}); profile more "
+                                "shapes (a larger --grid)")
+
+    def resid(x):
+        return _predict_x(x, kern, n, fit_peak, fit_bw) / t - 1.0
+
+    best = None
+    for x0 in _fit_starts(kern, t):
+        x0 = np.maximum(np.where(np.isfinite(x0), x0, _LOG_FLOOR), _LOG_FLOOR)
+        try:
+            res = least_squares(resid, x0, method="trf", xtol=_LSQ_TOL, ftol=_LSQ_TOL, gtol=_LSQ_TOL,
+                                max_nfev=_LSQ_MAX_NFEV)
+        except ValueError:
+            continue
+        if best is None or res.cost < best.cost:
+            best = res
+    x = best.x
+    mape = float(np.mean(np.abs(resid(x))) * 100)
+    peak = float(np.exp(-x[1])) if fit_peak else float("inf")
+    bw = float(np.exp(-x[2])) if fit_bw else float("inf")
+    # physics: a peak or bandwidth beyond any machine means the data never saw that limit (not limiting);
+    # a launch below a nanosecond is not measurable (0)
+    peak = peak if peak <= _MAX_PLAUSIBLE_FLOPS_PER_S else float("inf")
+    bw = bw if bw <= _MAX_PLAUSIBLE_BYTES_PER_S else float("inf")
+    launch = float(np.exp(x[0]))
+    launch = launch if launch >= _MIN_MEASURABLE_LAUNCH_S else 0.0
+    return OpFit(op=op, launch_s=launch, peak_flops_per_s=peak, bandwidth_bytes_per_s=bw, rows=n, train_mape=mape)
+
+
+def _fit_starts(kern: Kernels, t: np.ndarray) -> list[np.ndarray]:
+    """Starting log-parameters (launch_s, s per FLOP, s per byte) for :func:`fit_op`.
+
+    The model is linear in (launch, 1/peak, 1/bandwidth) once each kernel's regime (compute- or
+    memory-bound) is fixed, so solve non-negative least squares (relative) per regime assignment. A kernel
+    is compute-bound iff its intensity flops/bytes >= peak/bandwidth: every assignment the true parameters
+    can produce is a threshold on intensity, so try them all (at most ~200 quantiles); keep the best few
+    and add one start from the data's scale.
+    """
+    from scipy.optimize import nnls
+
+    n = len(t)
 
     def solve(comp):
         fa = np.bincount(kern.row, weights=kern.flops * comp, minlength=n)
@@ -92,45 +162,26 @@ def fit_op(op: str, kern: Kernels, times_s: np.ndarray) -> OpFit:
         coef, _ = nnls(a, np.ones(n))
         return coef
 
-    # a kernel is compute-bound iff its intensity flops/bytes >= peak/bandwidth: every regime assignment the
-    # true parameters can produce is a threshold on intensity, so try them all (at most ~200 quantiles)
     with np.errstate(divide="ignore", invalid="ignore"):
         inten = np.where(kern.bytes > 0, kern.flops / kern.bytes, np.inf)
     finite = np.unique(inten[np.isfinite(inten) & (kern.flops > 0)])
-    if finite.size > 200:
-        finite = np.quantile(finite, np.linspace(0, 1, 200))
+    if finite.size > _MAX_REGIME_THRESHOLDS:
+        finite = np.quantile(finite, np.linspace(0, 1, _MAX_REGIME_THRESHOLDS))
     thresholds = np.concatenate([[0.0], (finite[:-1] + finite[1:]) / 2 if finite.size > 1 else [], [np.inf]])
     cands = []
     for thr in thresholds:
-        comp = (kern.flops > 0) & (inten >= thr)
-        coef = solve(comp)
-        x = np.log(np.maximum(coef, tiny))
+        coef = solve((kern.flops > 0) & (inten >= thr))
+        x = np.log(np.maximum(coef, _TINY))
         err = _predict_x(x, kern, n, True, True) / t - 1.0
         cands.append((float(np.sum(err**2)), x))
     cands.sort(key=lambda c: c[0])
-    starts = [c[1] for c in cands[:3]]
-    scale = np.array([t.min() / max(kern.launches.max(), 1), t.max() / max(f_row.max(), tiny),
-                      t.max() / max(b_row.max(), tiny)])
-    starts.append(np.log(scale + tiny))
-    best = None
-
-    def resid(x):
-        return _predict_x(x, kern, n, fit_peak, fit_bw) / t - 1.0
-
-    for x0 in starts:
-        x0 = np.maximum(np.where(np.isfinite(x0), x0, -60.0), -60.0)
-        try:
-            res = least_squares(resid, x0, method="trf", xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=4000)
-        except ValueError:
-            continue
-        if best is None or res.cost < best.cost:
-            best = res
-    x = best.x
-    peak = float(np.exp(-x[1])) if fit_peak else float("inf")
-    bw = float(np.exp(-x[2])) if fit_bw else float("inf")
-    mape = float(np.mean(np.abs(resid(x))) * 100)
-    return OpFit(op=op, launch_s=float(np.exp(x[0])), peak_flops_per_s=peak, bandwidth_bytes_per_s=bw, rows=n,
-                 train_mape=mape)
+    starts = [c[1] for c in cands[:_STARTS_FROM_REGIMES]]
+    f_row = np.bincount(kern.row, weights=kern.flops, minlength=n)
+    b_row = np.bincount(kern.row, weights=kern.bytes, minlength=n)
+    scale = np.array([t.min() / max(kern.launches.max(), 1), t.max() / max(f_row.max(), _TINY),
+                      t.max() / max(b_row.max(), _TINY)])
+    starts.append(np.log(scale + _TINY))
+    return starts
 
 
 # ----------------------------------------------------------------------------- table features
@@ -161,6 +212,12 @@ FEATURE_NAMES = {"gemm": ("m", "n", "k"),
                  "router": ("tokens", "hidden", "experts"), "permute": ("rows", "hidden"), "unpermute": ("rows", "hidden")}
 
 
+#: slack of the range check in log-shape space: a shape on the profiled edge stays inside despite log() rounding
+_RANGE_TOL = 1e-9
+#: a query this close (normalised log-shape distance) to a measured shape takes that shape's ratio exactly
+_EXACT_DISTANCE = 1e-12
+
+
 @dataclass(frozen=True, eq=False)
 class OpTable:
     """Measured shapes of one op: features [R, F] (log), ratio [R] = measured / fitted roofline."""
@@ -177,13 +234,13 @@ class OpTable:
         scale = np.where(hi > lo, hi - lo, 1.0)
         return cls(features=features, ratio=ratio, lo=lo, hi=hi, scale=scale)
 
-    def inside(self, q: np.ndarray, tol: float = 1e-9) -> bool:
+    def inside(self, q: np.ndarray, tol: float = _RANGE_TOL) -> bool:
         return bool(np.all(q >= self.lo - tol) and np.all(q <= self.hi + tol))
 
     def ratio_at(self, q: np.ndarray, neighbours: int = 4) -> float:
         d = np.sqrt((((self.features - q) / self.scale) ** 2).sum(axis=1))
         j = np.argsort(d)[:neighbours]
-        if d[j[0]] < 1e-12:
+        if d[j[0]] < _EXACT_DISTANCE:
             return float(self.ratio[j[0]])
         w = 1.0 / d[j] ** 2
         return float(np.exp((w * np.log(self.ratio[j])).sum() / w.sum()))
@@ -227,6 +284,7 @@ class CalibratedCost:
     name: str = "calibrated"
     fallback: RooflineCost = field(default_factory=RooflineCost)
     warned: set = field(default_factory=set)
+    refused: dict = field(default_factory=dict)  # op -> why it was not fitted (too few shapes)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -242,31 +300,49 @@ class CalibratedCost:
         if stat not in ("median", "min"):
             raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
         b = DTYPE_BYTES[profile.dtype]
-        fits, tables = {}, {}
+        fits, tables, refused = {}, {}, {}
         for op in sorted(set(profile.rows["op"])):
             rows = profile.op_rows(op)
             kern = op_kernels(op, rows, b)
             t = rows[f"{stat}_s"].to_numpy(dtype=float)
-            fit = fit_op(op, kern, t)
+            try:
+                fit = fit_op(op, kern, t)
+            except TooFewShapesError as exc:
+                refused[op] = str(exc)  # this op falls back to the roofline, with a warning when used
+                continue
             fits[op] = fit
             tables[op] = OpTable.build(op_features(op, rows), t / fit.predict(kern, len(rows)))
         topk = profile.rows.loc[profile.rows["op"].isin(["permute", "unpermute"]), "top_k"]
         return cls(fits=fits, tables=tables, dtype=profile.dtype, device_name=profile.device_name,
                    profile_path=profile.path, mode=mode, fold_permute=fold_permute,
-                   top_k=int(topk.iloc[0]) if len(topk) else 1)
+                   top_k=int(topk.iloc[0]) if len(topk) else 1, refused=refused)
 
     @classmethod
     def from_profile(cls, profile_path: str | Path | None, device: Device | None = None, *,
                      mode: str = "auto", stat: str = "median") -> "CalibratedCost":
         """Read a profile and fit; ``device`` (the simulated system's device) must be the profiled one."""
         if profile_path is None:
-            raise ValueError("--cost calibrated needs --profile PATH: a profile written by 'moesim calibrate "
-                             "--out profiles/<name>.parquet' on the device you simulate")
+            raise ValueError("the calibrated cost model needs a kernel-timing profile (a Parquet file measured on "
+                             "the simulated device); none was given")
         prof = read_profile(profile_path)
         if device is not None and not same_device(prof.device_name, device):
             raise ProfileError(f"{profile_path}: profile was measured on {prof.device_name!r} but the simulated "
-                               f"device is {device.name!r}; calibrate on that device, or use --cost roofline")
-        return cls.fit(prof, mode=mode, stat=stat)
+                               f"device is {device.name!r}; calibrate on that device, or use the roofline cost model")
+        cost = cls.fit(prof, mode=mode, stat=stat)
+        return cost if device is None else cost.bounded_by(device)
+
+    def bounded_by(self, device: Device) -> "CalibratedCost":
+        """Compute efficiency in (0, 1]: a fitted peak above the device's datasheet peak is impossible
+        (a degenerate fit), so it is lowered to that peak, with a warning."""
+        spec_peak = device.peak_flops_per_s.get(self.dtype)
+        if spec_peak is None:
+            return self
+        over = {op: f for op, f in self.fits.items() if np.isfinite(f.peak_flops_per_s) and f.peak_flops_per_s > spec_peak}
+        for op, f in over.items():
+            self._warn(f"peak-{op}", f"op {op!r}: fitted peak {f.peak_flops_per_s:.3g} FLOP/s exceeds {device.name}'s "
+                                     f"{self.dtype} peak {spec_peak:.3g} FLOP/s; using the datasheet peak")
+        fits = {**self.fits, **{op: dataclasses.replace(f, peak_flops_per_s=spec_peak) for op, f in over.items()}}
+        return dataclasses.replace(self, fits=fits)
 
     # -- helpers
 
@@ -277,8 +353,8 @@ class CalibratedCost:
 
     def _check_dtype(self, dtype: str) -> None:
         if dtype != self.dtype:
-            raise ValueError(f"profile {self.profile_path} was measured in {self.dtype}, not {dtype}; simulate with "
-                             f"--dtype {self.dtype} or calibrate with --dtype {dtype}")
+            raise ValueError(f"profile {self.profile_path} was measured in {self.dtype}, not {dtype}; simulate in "
+                             f"{self.dtype} or calibrate in {dtype}")
 
     def predict_row(self, op: str, row: dict) -> float:
         """Time (s) of one op instance described like a profile row (op without a fit: NaN)."""
@@ -306,7 +382,7 @@ class CalibratedCost:
         if not table.inside(q):
             names = FEATURE_NAMES.get(op, ("bytes",))
             desc = ", ".join(f"{nm} {np.exp(v):.0f} (profiled {np.exp(lo):.0f}-{np.exp(hi):.0f})"
-                             for nm, v, lo, hi in zip(names, q, table.lo, table.hi) if not lo - 1e-9 <= v <= hi + 1e-9)
+                             for nm, v, lo, hi in zip(names, q, table.lo, table.hi) if not lo - _RANGE_TOL <= v <= hi + _RANGE_TOL)
             self._warn(f"range:{op}:{desc}", f"{op} shape outside the profiled range ({desc}); falling back to "
                        "the fitted roofline for it")
             return t
@@ -399,13 +475,13 @@ class CalibratedCost:
             raise ProfileError(f"{self.profile_path}: a device needs gemm or grouped_ffn measurements")
         bw_fit = next((self.fits[o] for o in ("copy_d2d", "permute", "gemm") if o in self.fits
                        and np.isfinite(self.fits[o].bandwidth_bytes_per_s)), None)
-        bw = bw_fit.bandwidth_bytes_per_s if bw_fit is not None else 1e10
+        bw = bw_fit.bandwidth_bytes_per_s if bw_fit is not None else _PLACEHOLDER_BANDWIDTH_BYTES_PER_S
         # a d2d copy moves each byte twice (read + write); the fitted copy bandwidth counts it once
         if bw_fit is not None and bw_fit.op == "copy_d2d":
             bw *= 2
         src = f"fitted from profile {self.profile_path}"
-        peak = g.peak_flops_per_s if np.isfinite(g.peak_flops_per_s) else 1e11
-        tier = MemoryTier(name="main", capacity_bytes=float(2**40), bandwidth_bytes_per_s=float(bw), latency_s=0.0,
+        peak = g.peak_flops_per_s if np.isfinite(g.peak_flops_per_s) else _PLACEHOLDER_PEAK_FLOPS_PER_S
+        tier = MemoryTier(name="main", capacity_bytes=float(_PLACEHOLDER_CAPACITY_BYTES), bandwidth_bytes_per_s=float(bw), latency_s=0.0,
                           sources={"bandwidth_bytes_per_s": f"{src} ({bw_fit.op if bw_fit else 'assumed'})",
                                    "capacity_bytes": "placeholder: not measured"})
         return Device(name=self.device_name, kind=kind, peak_flops_per_s={self.dtype: float(peak)},

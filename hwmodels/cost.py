@@ -1,130 +1,64 @@
-"""Cost models: how long an operator takes on a device.
+"""The cost models by name (``moesim simulate --cost NAME``).
 
-The simulator only talks to the :class:`CostModel` protocol, so the roofline here and the
-calibrated model (fitted from a measured profile) are interchangeable (``--cost``).
-
-Roofline of one operator: ``launch_latency_s + max(flops / peak_flops_per_s, bytes / bandwidth_bytes_per_s)``.
+Below this module: :mod:`hwmodels.roofline` (the :class:`CostModel` protocol, work formulas and the
+spec roofline), :mod:`hwmodels.calibrated` (fitted from a measured profile) and :mod:`hwmodels.gpu_cost`
+(the tile/wave GPU model with shipped fitted parameters). This module only names them, so that nothing
+below it needs to import it. :func:`default_cost_model` picks the default for a device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from hwmodels.calibrated import CalibratedCost
+from hwmodels.collectives import COMM_KERNEL_SMS, BottleneckLinkAllToAll, FittedAllToAll
+from hwmodels.gpu_cost import GpuFittedCost
+from hwmodels.roofline import (DTYPE_BYTES, CostModel, OpCost, RooflineCost, ffn_work, gemm_bytes,
+                               gemm_flops)
+from hwmodels.specs import Device, System
 
-import numpy as np
+__all__ = ["COMM_KERNEL_SMS", "COST_MODELS", "BottleneckLinkAllToAll", "CalibratedCost", "CostModel", "DTYPE_BYTES",
+           "FittedAllToAll", "GpuFittedCost", "OpCost", "RooflineCost", "collective_model", "default_cost_model",
+           "describe_cost", "ffn_work", "gemm_bytes", "gemm_flops", "overlapped_cost"]
 
-from hwmodels.specs import Device
-
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-
-
-@dataclass(frozen=True)
-class OpCost:
-    """Time and work of one (possibly grouped) operator."""
-
-    time_s: float
-    flops: float
-    bytes: float
+COST_MODELS = {"roofline": RooflineCost, "calibrated": CalibratedCost, "gpu-fitted": GpuFittedCost}
+"""name -> factory; ``calibrated`` is built with ``CalibratedCost.from_profile(path, device)``."""
 
 
-class CostModel(Protocol):
-    name: str
-
-    def gemm(self, device: Device, m: int, n: int, k: int, dtype: str) -> OpCost:
-        """[m, k] x [k, n] matrix product."""
-
-    def expert_ffn(self, device: Device, tokens_per_expert: np.ndarray, hidden_size: int,
-                   intermediate_size: int, dtype: str) -> OpCost:
-        """A grouped SwiGLU expert FFN: expert e gets tokens_per_expert[e] rows (zeros are skipped)."""
-
-    def router(self, device: Device, tokens: int, hidden_size: int, num_experts: int, dtype: str) -> OpCost:
-        """Router GEMM [tokens, hidden] x [hidden, experts] plus softmax/top-k over the logits."""
+def default_cost_model(device: Device) -> CostModel:
+    """The fitted GPU model for a device whose spec names shipped fitted parameters (``gpu_fit``), else the
+    spec roofline."""
+    return GpuFittedCost() if device.gpu_fit else RooflineCost()
 
 
-def gemm_flops(m, n, k):
-    return 2.0 * np.asarray(m, dtype=float) * n * k
+def collective_model(cost: CostModel, system: System):
+    """The all-to-all model ``cost`` uses on ``system`` (``cost.collective(system)``); cost models without one
+    (roofline, calibrated) use the spec bottleneck-link model, :class:`BottleneckLinkAllToAll`.
+    The model has ``name``, ``describe()`` and ``duration_s(routing, pair_bytes)``."""
+    make = getattr(cost, "collective", None)
+    return make(system) if make is not None else BottleneckLinkAllToAll()
 
 
-def gemm_bytes(m, n, k, dtype_bytes):
-    m = np.asarray(m, dtype=float)
-    return (m * k + k * n + m * n) * dtype_bytes
+def overlapped_cost(cost: CostModel, comm_sms: int) -> CostModel:
+    """``cost`` while a communication kernel holds ``comm_sms`` SMs (``cost.with_overlap_sms``); cost models
+    without a notion of SMs (roofline, calibrated) return themselves unchanged."""
+    make = getattr(cost, "with_overlap_sms", None)
+    return make(comm_sms) if make is not None and comm_sms > 0 else cost
 
 
-def ffn_work(tokens_per_expert: np.ndarray, hidden_size: int, intermediate_size: int, dtype_bytes: int):
-    """FLOPs and bytes of the two GEMMs of a SwiGLU expert, per expert.
-
-    gate+up: [n, h] x [h, 2f]; down: [n, f] x [f, h]. Returns arrays (flops_up, bytes_up, flops_down, bytes_down).
-    The elementwise SiLU*mul is folded into the GEMMs' epilogue (not counted separately).
-    """
-    n = np.asarray(tokens_per_expert, dtype=float)
-    h, f = hidden_size, intermediate_size
-    return (gemm_flops(n, 2 * f, h), gemm_bytes(n, 2 * f, h, dtype_bytes),
-            gemm_flops(n, h, f), gemm_bytes(n, h, f, dtype_bytes))
+def describe_cost(cost: CostModel, device: Device | None = None, dtype: str | None = None,
+                  system: System | None = None) -> str:
+    """One line: which cost model, what it was fitted on, its validated error; with ``system``, also its
+    all-to-all model."""
+    a2a = f"; all-to-all: {collective_model(cost, system).describe()}" if system is not None else ""
+    return _describe_compute(cost, device, dtype) + a2a
 
 
-@dataclass(frozen=True)
-class RooflineCost:
-    """Pure roofline from spec numbers, with optional efficiency factors (1.0 = peak).
-
-    ``compute_efficiency`` and ``memory_efficiency`` scale the peaks; ``launch_latency_s``
-    overrides the device's spec value when given.
-    """
-
-    compute_efficiency: float = 1.0
-    memory_efficiency: float = 1.0
-    launch_latency_s: float | None = None
-    name: str = "roofline"
-
-    def __post_init__(self):
-        if not (0 < self.compute_efficiency <= 1.5 and 0 < self.memory_efficiency <= 1.5):
-            raise ValueError("efficiency factors must lie in (0, 1.5]")
-
-    def _launch(self, device: Device) -> float:
-        return device.launch_latency_s if self.launch_latency_s is None else self.launch_latency_s
-
-    def _roof(self, device: Device, flops, bytes_, dtype: str):
-        peak = device.peak(dtype) * self.compute_efficiency
-        bw = device.main_memory.bandwidth_bytes_per_s * self.memory_efficiency
-        return np.maximum(np.asarray(flops) / peak, np.asarray(bytes_) / bw)
-
-    def gemm(self, device: Device, m: int, n: int, k: int, dtype: str) -> OpCost:
-        b = DTYPE_BYTES[dtype]
-        flops, bytes_ = float(gemm_flops(m, n, k)), float(gemm_bytes(m, n, k, b))
-        if m == 0:
-            return OpCost(0.0, 0.0, 0.0)
-        return OpCost(self._launch(device) + float(self._roof(device, flops, bytes_, dtype)), flops, bytes_)
-
-    def expert_ffn(self, device, tokens_per_expert, hidden_size, intermediate_size, dtype) -> OpCost:
-        tokens_per_expert = np.asarray(tokens_per_expert)
-        active = tokens_per_expert[tokens_per_expert > 0]
-        if active.size == 0:
-            return OpCost(0.0, 0.0, 0.0)
-        fu, bu, fd, bd = ffn_work(active, hidden_size, intermediate_size, DTYPE_BYTES[dtype])
-        t = 2 * self._launch(device) + float(self._roof(device, fu, bu, dtype).sum() + self._roof(device, fd, bd, dtype).sum())
-        return OpCost(t, float(fu.sum() + fd.sum()), float(bu.sum() + bd.sum()))
-
-    def router(self, device, tokens, hidden_size, num_experts, dtype) -> OpCost:
-        if tokens == 0:
-            return OpCost(0.0, 0.0, 0.0)
-        g = self.gemm(device, tokens, num_experts, hidden_size, dtype)
-        # softmax + top-k reads and writes the fp32 logits once each
-        sm_bytes = 2.0 * tokens * num_experts * 4
-        t = g.time_s + self._launch(device) + sm_bytes / (device.main_memory.bandwidth_bytes_per_s * self.memory_efficiency)
-        return OpCost(t, g.flops, g.bytes + sm_bytes)
-
-
-
-class CalibratedEntry:
-    """Factory of the ``calibrated`` cost model (``moesim simulate --cost calibrated --profile P``); imports
-    :mod:`hwmodels.calibrated` only when used, since that module imports this one."""
-
-    name = "calibrated"
-
-    @staticmethod
-    def from_profile(profile_path, device=None, **kwargs):
-        from hwmodels.calibrated import CalibratedCost
-
-        return CalibratedCost.from_profile(profile_path, device, **kwargs)
-
-
-COST_MODELS = {"roofline": RooflineCost, "calibrated": CalibratedEntry}
+def _describe_compute(cost: CostModel, device: Device | None, dtype: str | None) -> str:
+    describe = getattr(cost, "describe", None)
+    if describe is not None:
+        return describe(device, dtype)
+    if isinstance(cost, RooflineCost):
+        return ("roofline: datasheet peaks and bandwidths of the spec, not fitted to measurements (GPU GEMMs "
+                "measure 1.3-2x slower, docs/validation.md)")
+    if isinstance(cost, CalibratedCost):
+        return f"calibrated: fitted to profile {cost.profile_path} measured on {cost.device_name}"
+    return getattr(cost, "name", type(cost).__name__)

@@ -5,7 +5,7 @@ A quantity in a spec file is written as an inline table with a unit in its key n
     hbm_bandwidth_bytes_per_s = { value = "3.35 TB/s", source = "NVIDIA H100 datasheet" }
 
 ``value`` is a number in the key's base unit or a string with a unit (see
-:mod:`moesim.units`). A missing source, an unknown key or a negative quantity raises
+:mod:`moebase.units`). A missing source, an unknown key or a negative quantity raises
 ``ValueError`` naming the file and the key.
 """
 
@@ -17,9 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moesim.units import parse_quantity, unit_suffix
+from moebase.units import GFLOPS, KB, PFLOPS, TB, parse_quantity, unit_suffix
 
 SPEC_DIR = Path(__file__).parent / "specs"
+#: plausible ranges (base units) by key suffix: a typo like 1e-300 bytes/s would make every transfer take
+#: forever ("inf us"), 1e30 FLOP/s would make compute free
+PLAUSIBLE = {"_bytes_per_s": (1 * KB, 10_000 * TB), "_flops_per_s": (GFLOPS, 1e6 * PFLOPS), "latency_s": (0.0, 1.0)}
+#: published kernel figures (DeepGEMM, DeepEP) that ``moesim validate --published`` compares the roofline with
+PUBLISHED_KERNELS_PATH = Path(__file__).parent / "published" / "kernels.toml"
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Device:
     launch_latency_s: float
     memory: tuple[MemoryTier, ...]
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    gpu_fit: str | None = None  # stem of a fitted-parameter file in hwmodels/gpu_fits/ (hwmodels.gpu_cost)
 
     def tier(self, name: str) -> MemoryTier:
         for t in self.memory:
@@ -134,34 +140,34 @@ class _Reader:
     def _err(self, key: str, msg: str) -> ValueError:
         return ValueError(f"{self.path}: key '{self.where}{key}': {msg}")
 
-    def text(self, key: str, default: str | None = None) -> str:
+    def _present(self, key: str, absent_ok: bool, what: str = "missing") -> bool:
+        """Mark ``key`` used; True when the table has it, False when it is absent and that is allowed."""
         self.used.add(key)
-        if key not in self.table:
-            if default is not None:
-                return default
-            raise self._err(key, "missing")
+        if key in self.table:
+            return True
+        if absent_ok:
+            return False
+        raise self._err(key, what)
+
+    def text(self, key: str, default: str | None = None) -> str:
+        if not self._present(key, default is not None):
+            return default
         value = self.table[key]
         if not isinstance(value, str):
             raise self._err(key, f"expected a string, got {type(value).__name__}")
         return value
 
     def integer(self, key: str, default: int | None = None) -> int:
-        self.used.add(key)
-        if key not in self.table:
-            if default is not None:
-                return default
-            raise self._err(key, "missing")
+        if not self._present(key, default is not None):
+            return default
         value = self.table[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise self._err(key, f"expected a positive integer, got {value!r}")
         return value
 
     def quantity(self, key: str, *, optional: bool = False, positive: bool = False) -> float | None:
-        self.used.add(key)
-        if key not in self.table:
-            if optional:
-                return None
-            raise self._err(key, "missing")
+        if not self._present(key, optional):
+            return None
         if unit_suffix(key) is None:
             raise self._err(key, "a quantity's key must end in a unit suffix such as _bytes, _s, _bytes_per_s, _flops_per_s")
         raw = self.table[key]
@@ -185,15 +191,16 @@ class _Reader:
             raise self._err(key, f"negative quantity {raw['value']!r}")
         if positive and value == 0:
             raise self._err(key, f"must be > 0, got {raw['value']!r}")
+        for suffix, (lo, hi) in PLAUSIBLE.items():
+            if key.endswith(suffix) and value and not lo <= value <= hi:
+                raise self._err(key, f"implausible value {raw['value']!r} ({value:g} in base units; plausible: "
+                                     f"{lo:g} to {hi:g})")
         self.sources[key] = source
         return value
 
     def sub(self, key: str, *, optional: bool = False) -> "_Reader | None":
-        self.used.add(key)
-        if key not in self.table:
-            if optional:
-                return None
-            raise self._err(key, "missing table")
+        if not self._present(key, optional, "missing table"):
+            return None
         value = self.table[key]
         if not isinstance(value, dict):
             raise self._err(key, "expected a table")
@@ -214,10 +221,12 @@ class _Reader:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a TOML spec file")
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from None
 
 
@@ -254,10 +263,12 @@ def load_device(path: str | Path) -> Device:
     if not peaks:
         raise ValueError(f"{path}: key 'device.peak_<dtype>_flops_per_s': at least one compute peak is required")
     launch = r.quantity("launch_latency_s")
+    gpu_fit = r.text("gpu_fit", default="") or None
     tiers = tuple(_memory_tier(t) for t in r.subs("memory"))
     sources = r.finish()
     top.finish()
-    return Device(name=name, kind=kind, peak_flops_per_s=peaks, launch_latency_s=launch, memory=tiers, sources=sources)
+    return Device(name=name, kind=kind, peak_flops_per_s=peaks, launch_latency_s=launch, memory=tiers, sources=sources,
+                  gpu_fit=gpu_fit)
 
 
 def available_systems(spec_dir: Path = SPEC_DIR) -> list[str]:
@@ -273,8 +284,9 @@ def load_system(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> System:
     path = Path(name_or_path)
     if path.suffix != ".toml":
         path = spec_dir / f"{name_or_path}.toml"
-        if not path.exists():
-            raise ValueError(f"unknown system {str(name_or_path)!r}; known systems: {', '.join(available_systems(spec_dir))}")
+        if not path.exists() or "system" not in _read_toml(path):  # sn40l.toml is a device, not a system
+            from moebase.names import unknown_name
+            raise ValueError(unknown_name("system", str(name_or_path), available_systems(spec_dir)))
     elif not path.exists():
         raise ValueError(f"system spec file {path} does not exist")
     top = _Reader(path, _read_toml(path), "")

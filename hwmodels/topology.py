@@ -5,6 +5,12 @@ the RDU peer network), ``net`` for the scale-out fabric, ``host{n}`` for node n'
 Every edge is one direction of a link and carries ``kind``, ``bandwidth_bytes_per_s`` and
 ``latency_s``. Traffic between two devices of one node goes ``dev -> switch -> dev``;
 between nodes ``dev -> net -> dev`` (GPUDirect RDMA through each device's own NIC).
+
+Latency: a spec's ``latency_s`` is the start-up latency of a transfer *through* that link class, switch
+included (e.g. "NCCL all-to-all start-up latency over NVSwitch"), not the latency of one hop. So a route
+is charged its slowest hop's latency once -- the maximum over its edges, not their sum, which would
+count the switch twice -- and one all-to-all adds the largest route latency among the pairs that
+exchange data (:meth:`AllToAllRouting.duration_s`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 from scipy import sparse
 
 from hwmodels.specs import System
+from moebase.limits import check_alloc
 
 
 def build_graph(system: System) -> nx.DiGraph:
@@ -47,8 +54,9 @@ class AllToAllRouting:
     """Precomputed routes of every (src, dst) device pair over the graph's edges.
 
     ``incidence[e, src * D + dst]`` is 1 when the route from src to dst uses edge e.
-    ``edge_names[e]`` is ``"a->b"``; ``pair_latency_s[src, dst]`` sums edge latencies on the route
-    (0 on the diagonal). Device-local traffic (src == dst) uses no edge.
+    ``edge_names[e]`` is ``"a->b"``; ``pair_latency_s[src, dst]`` is the route's latency: the largest
+    edge latency on it (see the module docstring; 0 on the diagonal). Device-local traffic (src == dst)
+    uses no edge.
     """
 
     edge_names: tuple[str, ...]
@@ -61,20 +69,32 @@ class AllToAllRouting:
         """Bytes on each edge for a [D, D] matrix of bytes sent from src (row) to dst (column)."""
         return self.incidence @ pair_bytes.ravel()
 
-    def duration_s(self, pair_bytes: np.ndarray) -> float:
-        """Bottleneck-link time of one all-to-all: max over edges of bytes / bandwidth, plus the largest
-        route latency among the pairs that exchange bytes. Zero when nothing crosses a link."""
+    def exchange(self, pair_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(bytes on each edge [E], mask of the device pairs that exchange bytes [D, D]) of one all-to-all,
+        device-local traffic (the diagonal) left out; None when nothing crosses a link."""
         off_diag = pair_bytes.copy()
         np.fill_diagonal(off_diag, 0)
         if not off_diag.any():
+            return None
+        return self.edge_bytes(off_diag), off_diag > 0
+
+    def duration_s(self, pair_bytes: np.ndarray) -> float:
+        """Bottleneck-link time of one all-to-all: max over edges of bytes / bandwidth, plus the largest
+        route latency among the pairs that exchange bytes. Zero when nothing crosses a link."""
+        ex = self.exchange(pair_bytes)
+        if ex is None:
             return 0.0
-        busy_s = self.edge_bytes(off_diag) / self.edge_bandwidth_bytes_per_s
-        return float(busy_s.max() + self.pair_latency_s[off_diag > 0].max())
+        edge_bytes, pairs = ex
+        busy_s = edge_bytes / self.edge_bandwidth_bytes_per_s
+        return float(busy_s.max() + self.pair_latency_s[pairs].max())
 
 
 def all_to_all_routing(system: System) -> AllToAllRouting:
     """Routes of every device pair, vectorised, with a sparse incidence matrix (a dense one is
-    [4D, D*D]: 512 MiB at 256 devices). Equal to :func:`all_to_all_routing_by_paths` (tested)."""
+    [4D, D*D]: 512 MiB at 256 devices). Equal to :func:`all_to_all_routing_by_paths` (tested).
+    Refuses (before building anything) a system whose device pairs would not fit in memory."""
+    check_alloc(f"all-to-all routes of {system.name!r} ({system.num_devices:,} devices: pairs x route arrays)",
+                (system.num_devices, system.num_devices, 6), 8, hint="simulate fewer nodes")
     graph = build_graph(system)
     edges = _a2a_edges(graph)
     index = {e: i for i, e in enumerate(edges)}

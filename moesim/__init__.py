@@ -1,6 +1,6 @@
 """moesim: a hardware simulator and co-design toolkit for Mixture-of-Experts models.
 
-Top-level names are imported lazily so that ``import moesim.units`` (used by the spec loader)
+Top-level names are imported lazily so that ``import moebase.units`` (used by the spec loader)
 does not pull in the simulator.
 """
 

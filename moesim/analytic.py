@@ -22,11 +22,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from hwmodels.cost import CostModel, RooflineCost
+from hwmodels.cost import CostModel, RooflineCost, collective_model, overlapped_cost
 from hwmodels.specs import System
 from hwmodels.topology import AllToAllRouting
 from moesim.placement import Placement
-from moesim.sim import OP_COLUMNS, Result, Routed, SimOptions, _collect, prepare, simulate
+from moesim.sim import OP_COLUMNS, PayloadBytes, Result, Routed, SimOptions, _collect, a2a_pair_bytes, prepare, simulate
 from workloads.catalog import MoEModel
 from workloads.trace import Trace
 
@@ -37,7 +37,7 @@ class GroupCosts:
 
     router_s, shared_s, expert_s [G, D]: seconds of each device's operator (0 where it has no work);
     *_flops, *_bytes [G, D]: work of those operators (FLOPs, bytes moved to/from memory);
-    dispatch_s, combine_s [G]: all-to-all durations (bottleneck link + latency);
+    dispatch_s, combine_s [G]: all-to-all durations (the cost model's all-to-all model, per direction's dtype);
     sent_bytes [G, D]: bytes each device sends to other devices in dispatch (combine: received).
     """
 
@@ -58,8 +58,9 @@ class GroupCosts:
 
 
 def group_costs(system: System, model: MoEModel, routed: Routed, a2a: AllToAllRouting, cost: CostModel,
-                options: SimOptions, act_bytes: int) -> GroupCosts:
-    """Call the cost model once per (group, device) operator, exactly as the DES does."""
+                options: SimOptions, act_bytes: PayloadBytes) -> GroupCosts:
+    """Call the cost model once per (group, device) operator, exactly as the DES does: the shared-expert FFN
+    runs beside its group's dispatch, so with the SMs the all-to-all kernel leaves where the dispatch moves bytes."""
     g_count, d_count = routed.router_tokens.shape
     device = system.device
     dt = options.dtype
@@ -73,23 +74,29 @@ def group_costs(system: System, model: MoEModel, routed: Routed, a2a: AllToAllRo
     r = [cost.router(device, int(n), model.hidden_size, model.num_experts, dt) for n in counts]
     for name, attr in (("router_s", "time_s"), ("router_flops", "flops"), ("router_bytes", "bytes")):
         out[name] = np.array([getattr(c, attr) for c in r])[inv]
+    a2a_model = collective_model(cost, system)
+    dispatch_bytes, combine_bytes = a2a_pair_bytes(routed.pair_tokens, act_bytes)  # [G, D, D] each
+    dispatch = np.array([a2a_model.duration_s(a2a, dispatch_bytes[g]) for g in range(g_count)])
+    combine = np.array([a2a_model.duration_s(a2a, combine_bytes[g]) for g in range(g_count)])
     if shared:
-        s = [cost.expert_ffn(device, np.array([n]), model.hidden_size, model.shared_expert_intermediate_size, dt)
-             for n in counts]
-        for name, attr in (("shared_s", "time_s"), ("shared_flops", "flops"), ("shared_bytes", "bytes")):
-            out[name] = np.array([getattr(c, attr) for c in s])[inv]
+        comm = overlapped_cost(cost, options.comm_sms)
+        beside = np.broadcast_to((dispatch > 0)[:, None] & (comm is not cost), (g_count, d_count))
+        for c_model, mask in ((cost, ~beside), (comm, beside)):
+            if not mask.any():
+                continue
+            s = [c_model.expert_ffn(device, np.array([n]), model.hidden_size, model.shared_expert_intermediate_size, dt)
+                 for n in counts]
+            for name, attr in (("shared_s", "time_s"), ("shared_flops", "flops"), ("shared_bytes", "bytes")):
+                out[name] = np.where(mask, np.array([getattr(c, attr) for c in s])[inv], out[name])
     et = routed.expert_tokens
     for g in range(g_count):
         for d in range(d_count):
             c = cost.expert_ffn(device, et[g, d], model.hidden_size, model.moe_intermediate_size, dt)
             out["expert_s"][g, d], out["expert_flops"][g, d], out["expert_bytes"][g, d] = c.time_s, c.flops, c.bytes
-    pair_bytes = routed.pair_tokens.astype(float) * act_bytes  # [G, D, D]
-    dispatch = np.array([a2a.duration_s(pair_bytes[g]) for g in range(g_count)])
-    combine = np.array([a2a.duration_s(pair_bytes[g].T.copy()) for g in range(g_count)])
-    diag = np.einsum("gii->gi", pair_bytes)
     return GroupCosts(**out, dispatch_s=dispatch, combine_s=combine,
-                      dispatch_sent_bytes=pair_bytes.sum(axis=2) - diag,
-                      combine_sent_bytes=pair_bytes.sum(axis=1) - diag, has_shared=shared)
+                      dispatch_sent_bytes=dispatch_bytes.sum(axis=2) - np.einsum("gii->gi", dispatch_bytes),
+                      combine_sent_bytes=combine_bytes.sum(axis=2) - np.einsum("gii->gi", combine_bytes),
+                      has_shared=shared)
 
 
 def estimate(system: System, model: MoEModel, placement: Placement, trace: Trace, *,
@@ -110,14 +117,15 @@ def estimate(system: System, model: MoEModel, placement: Placement, trace: Trace
     return result
 
 
-def _timeline(routed: Routed, gc: GroupCosts, progress) -> tuple[pd.DataFrame, float]:
-    """Start/end of every operator row, groups back to back in (step, micro_batch, layer) order."""
+def _timeline(routed: Routed, gc: GroupCosts, progress, start_s: float = 0.0) -> tuple[pd.DataFrame, float]:
+    """Start/end of every operator row, groups back to back in (step, micro_batch, layer) order from
+    ``start_s`` (where a streamed step starts)."""
     g_count, d_count = gc.router_s.shape
     r_max = gc.router_s.max(axis=1)
     mid = np.maximum(gc.dispatch_s, gc.shared_s.max(axis=1))
     e_max = gc.expert_s.max(axis=1)
     group_s = r_max + mid + e_max + gc.combine_s
-    t0 = np.concatenate([[0.0], np.cumsum(group_s)[:-1]])  # [G]
+    t0 = np.cumsum(np.concatenate([[start_s], group_s]))[:-1]  # [G]
     t1, t2 = t0 + r_max, t0 + r_max + mid
     t3 = t2 + e_max
     key = routed.group_key  # [G, 3]
@@ -142,7 +150,7 @@ def _timeline(routed: Routed, gc: GroupCosts, progress) -> tuple[pd.DataFrame, f
     if progress is not None:
         progress(g_count, g_count)
     ops = pd.concat(frames, ignore_index=True)[OP_COLUMNS]
-    return ops, float(t3[-1] + gc.combine_s[-1]) if g_count else 0.0
+    return ops, float(t3[-1] + gc.combine_s[-1]) if g_count else float(start_s)
 
 
 #: replay engines by name; both have the signature of :func:`moesim.sim.simulate`.

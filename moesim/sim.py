@@ -11,7 +11,8 @@ For every step, micro-batch and MoE layer the model runs, on the devices of a Sy
 
 Events are coarse (per step, micro-batch, layer and device); routing arithmetic is vectorised
 with numpy. Costs come from a :class:`hwmodels.cost.CostModel`; all-to-all time from the bytes the
-trace actually routes over each link (:mod:`hwmodels.topology`). Tokens of a step are sharded
+trace actually routes over each link (:mod:`hwmodels.topology`), timed by the cost model's all-to-all model
+(:func:`hwmodels.cost.collective_model`: spec bottleneck link, or NCCL-fitted for ``gpu-fitted``). Tokens of a step are sharded
 contiguously over devices; each device's share is cut into ``micro_batches`` contiguous parts.
 Micro-batches of a step run concurrently and overlap (communication of one with compute of another).
 
@@ -27,8 +28,11 @@ import numpy as np
 import pandas as pd
 import simpy
 
-from hwmodels.cost import DTYPE_BYTES, CostModel, OpCost, RooflineCost
+from hwmodels.collectives import a2a_payload_bytes
+from hwmodels.cost import COMM_KERNEL_SMS, DTYPE_BYTES, CostModel, OpCost, RooflineCost, collective_model, overlapped_cost
+from moebase.units import DEFAULT_DTYPE
 from hwmodels.specs import System
+from moebase.limits import check_alloc
 from hwmodels.topology import AllToAllRouting, all_to_all_routing
 from moesim.placement import REPLICA_ROUTING, Placement
 from workloads.catalog import MoEModel
@@ -52,13 +56,21 @@ class SimOptions:
     overlap_micro_batches: run a step's micro-batches concurrently (True) or one after another.
     replica_routing: key of :data:`moesim.placement.REPLICA_ROUTING`.
     include_shared_experts: simulate the model's shared experts (not in routing traces).
+    dispatch_dtype, combine_dtype: dtype of the activations sent in dispatch / combine (None: ``dtype``);
+    DeepEP sends fp8 (with its per-128-value scales, :func:`hwmodels.collectives.a2a_payload_bytes`) and
+    combines in bf16.
+    comm_kernel: key of :data:`hwmodels.collectives.COMM_KERNEL_SMS` (or ``"none"``): the SMs the all-to-all
+    kernel takes from a GEMM that runs while it is in flight (honoured by cost models with SMs, e.g. gpu-fitted).
     """
 
     micro_batches: int = 1
-    dtype: str = "bf16"
+    dtype: str = DEFAULT_DTYPE
     overlap_micro_batches: bool = True
     replica_routing: str = "local-first"
     include_shared_experts: bool = True
+    dispatch_dtype: str | None = None
+    combine_dtype: str | None = None
+    comm_kernel: str = "deepep-normal-v1"
 
     def __post_init__(self):
         if self.micro_batches < 1:
@@ -67,6 +79,16 @@ class SimOptions:
             raise SimulationError(f"unknown dtype {self.dtype!r}; known: {sorted(DTYPE_BYTES)}")
         if self.replica_routing not in REPLICA_ROUTING:
             raise SimulationError(f"unknown replica routing {self.replica_routing!r}; known: {sorted(REPLICA_ROUTING)}")
+        for name in ("dispatch_dtype", "combine_dtype"):
+            if getattr(self, name) not in (None, *DTYPE_BYTES):
+                raise SimulationError(f"unknown {name} {getattr(self, name)!r}; known: {sorted(DTYPE_BYTES)}")
+        if self.comm_kernel != "none" and self.comm_kernel not in COMM_KERNEL_SMS:
+            raise SimulationError(f"unknown comm_kernel {self.comm_kernel!r}; known: none, {', '.join(COMM_KERNEL_SMS)}")
+
+    @property
+    def comm_sms(self) -> int:
+        """SMs the all-to-all kernel holds while it overlaps compute (0 for ``comm_kernel="none"``)."""
+        return 0 if self.comm_kernel == "none" else COMM_KERNEL_SMS[self.comm_kernel][0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,8 +152,9 @@ class Result:
 def _step_index(step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct steps, index of each row's step); O(n) when rows are sorted by step (the trace format)."""
     if len(step) and np.all(step[1:] >= step[:-1]):
-        change = step[1:] != step[:-1]
-        return np.concatenate([step[:1], step[1:][change]]), np.cumsum(np.concatenate([[0], change.astype(np.int64)]))
+        starts = np.flatnonzero(step[1:] != step[:-1]) + 1
+        sizes = np.diff(np.concatenate([[0], starts, [len(step)]]))
+        return step[np.concatenate([[0], starts])], np.repeat(np.arange(len(sizes)), sizes)
     return np.unique(step, return_inverse=True)
 
 
@@ -147,7 +170,10 @@ def _shard(token: np.ndarray, n: np.ndarray, num_devices: int, micro_batches: in
 def _tokens_per_step(token: np.ndarray, step_idx: np.ndarray, num_steps: int) -> np.ndarray:
     """Tokens in each step: the largest token index + 1."""
     n = np.zeros(num_steps, dtype=np.int64)
-    np.maximum.at(n, step_idx, token + 1)
+    if num_steps == 1:  # one step (as streamed): no per-row scatter
+        n[0] = int(token.max()) + 1
+    else:
+        np.maximum.at(n, step_idx, token + 1)
     return n
 
 
@@ -159,6 +185,11 @@ def aggregate(trace: Trace, placement: Placement, num_devices: int, options: Sim
     l_count = trace.meta.num_layers
     steps, step_idx = _step_index(c["step"])
     n_per_step = _tokens_per_step(c["token"], step_idx, len(steps))
+    check_alloc("per-token routing arrays (sum over steps of the largest token id + 1)", (int(n_per_step.sum()), 4),
+                8, hint="token ids are sparse; renumber them 0..n-1 per step (Trace.renumber_tokens)")
+    g_all = len(steps) * m * l_count
+    check_alloc("per-group routing counts (steps x micro-batches x layers x devices x max(devices, experts))",
+                (g_all, d_count, max(d_count, e_count)), 8, hint="use fewer micro-batches, devices or steps")
     # shard every token once (also tokens whose choices were all dropped: they still pass the router),
     # then gather per row: cheaper than integer division over all rows
     offsets = np.concatenate([[0], np.cumsum(n_per_step)[:-1]])
@@ -167,7 +198,7 @@ def aggregate(trace: Trace, placement: Placement, num_devices: int, options: Sim
     t_src, t_mb = _shard(all_tokens, n_per_step[all_step], d_count, m)
     t_group = all_step * m + t_mb  # (step, micro-batch) of each token
     row_token = offsets[step_idx] + c["token"]
-    src = t_src[row_token]
+    src = t_src.astype(np.int32)[row_token]  # per-row arrays in int32 where ids allow: memory per row counts
     route = REPLICA_ROUTING[options.replica_routing]
     dst = np.empty_like(src)
     layer = c["layer"]
@@ -175,16 +206,28 @@ def aggregate(trace: Trace, placement: Placement, num_devices: int, options: Sim
         dev = np.stack([placement.expert_devices(i)[:, 0] for i in range(placement.num_layers)])
         dst[:] = dev.reshape(-1)[layer.astype(np.int64) * e_count + c["expert"]]
     else:
-        order = np.argsort(layer.astype(np.int16) if l_count < 2**15 else layer, kind="stable")
-        bounds = np.searchsorted(layer[order], np.arange(l_count + 1))
-        for layer_i in range(l_count):
-            rows = order[bounds[layer_i]:bounds[layer_i + 1]]  # ascending row order, like flatnonzero
+        # (step, layer) in order, so a trace replayed step by step (moesim.stream) draws the same numbers
+        step_layer = step_idx * l_count + layer
+        order = np.argsort(step_layer, kind="stable")
+        bounds = np.searchsorted(step_layer[order], np.arange(len(steps) * l_count + 1))
+        for sl in range(len(steps) * l_count):
+            rows = order[bounds[sl]:bounds[sl + 1]]  # ascending row order, like flatnonzero
             if rows.size:
-                dst[rows] = route(placement, layer_i, src[rows], c["expert"][rows], c["token"][rows], rng)
+                dst[rows] = route(placement, sl % l_count, src[rows], c["expert"][rows], c["token"][rows], rng)
     g = t_group[row_token] * l_count + layer
+    del row_token, step_idx
     g_count = len(steps) * m * l_count
-    pair = np.bincount(g * d_count * d_count + src * d_count + dst, minlength=g_count * d_count * d_count)
-    expert = np.bincount((g * d_count + dst) * e_count + c["expert"], minlength=g_count * d_count * e_count)
+    key = g * (d_count * d_count)  # in-place key arithmetic: one int64 per row at a time
+    key += src * np.int64(d_count)
+    key += dst
+    pair = np.bincount(key, minlength=g_count * d_count * d_count)
+    del key, src
+    g *= d_count
+    g += dst
+    g *= e_count
+    g += c["expert"]
+    expert = np.bincount(g, minlength=g_count * d_count * e_count)
+    del g, dst
     per_mb = np.bincount(t_group * d_count + t_src, minlength=len(steps) * m * d_count)
     router = np.broadcast_to(per_mb.reshape(len(steps), m, 1, d_count), (len(steps), m, l_count, d_count))
     keys = np.stack(np.meshgrid(steps, np.arange(m), np.arange(l_count), indexing="ij"), axis=-1).reshape(-1, 3)
@@ -212,94 +255,192 @@ def prepare(system: System, model: MoEModel, placement: Placement, trace: Trace,
     Returns (routed, all-to-all routes, activation bytes per token). Shared by both engines.
     """
     meta_t = trace.meta
+    check_trace_fits_model(trace, model)
+    placement.check_fits(meta_t.num_layers, meta_t.num_experts, system.num_devices)
+    routed = aggregate(trace, placement, system.num_devices, options, np.random.default_rng(seed))
+    a2a = a2a if a2a is not None else all_to_all_routing(system)
+    return routed, a2a, activation_bytes(model, options)
+
+
+@dataclass(frozen=True)
+class PayloadBytes:
+    """Bytes of one token's activation sent in dispatch and in combine (each in its own dtype)."""
+
+    dispatch_bytes: float
+    combine_bytes: float
+
+
+def activation_bytes(model: MoEModel, options: SimOptions) -> PayloadBytes:
+    """Bytes of one token's activation sent in dispatch and in combine (``dispatch_dtype``/``combine_dtype``,
+    default ``dtype``; fp8 carries its scales)."""
+    return PayloadBytes(a2a_payload_bytes(1, model.hidden_size, options.dispatch_dtype or options.dtype),
+                        a2a_payload_bytes(1, model.hidden_size, options.combine_dtype or options.dtype))
+
+
+def a2a_pair_bytes(pair_tokens: np.ndarray, act: PayloadBytes) -> tuple[np.ndarray, np.ndarray]:
+    """(dispatch, combine) bytes sent from src (row) to dst (column) for the choices ``pair_tokens`` [..., D, D]:
+    combine sends the results back along the reverse routes, in its own dtype."""
+    t = pair_tokens.astype(float)
+    return t * act.dispatch_bytes, np.swapaxes(t, -1, -2) * act.combine_bytes
+
+
+def check_trace_fits_model(trace: Trace, model: MoEModel) -> None:
+    """Raise SimulationError when the trace's expert count or layer count does not fit ``model``
+    (callers check this before building anything sized by the trace's metadata)."""
+    meta_t = trace.meta
     if meta_t.num_experts != model.num_experts:
         raise SimulationError(f"trace has {meta_t.num_experts} experts per layer but model {model.name!r} has "
                               f"{model.num_experts}")
     if meta_t.num_layers > model.num_moe_layers:
         raise SimulationError(f"trace has {meta_t.num_layers} MoE layers but model {model.name!r} has only "
                               f"{model.num_moe_layers}")
-    placement.check_fits(meta_t.num_layers, meta_t.num_experts, system.num_devices)
-    routed = aggregate(trace, placement, system.num_devices, options, np.random.default_rng(seed))
-    a2a = a2a if a2a is not None else all_to_all_routing(system)
-    return routed, a2a, model.hidden_size * DTYPE_BYTES[options.dtype]
 
 
 def _run_des(system: System, model: MoEModel, routed: Routed, a2a: AllToAllRouting, cost: CostModel,
              options: SimOptions, act_bytes: int, progress, trace: Trace) -> Result:
-    env = simpy.Environment()
-    d_count = system.num_devices
-    device = system.device
-    compute = [simpy.Resource(env, capacity=1) for _ in range(d_count)]
-    fabric = simpy.Resource(env, capacity=1)
-    ops: list[tuple] = []
-    total_groups = len(routed.group_key)
-    done = [0]
-    shared = options.include_shared_experts and model.num_shared_experts > 0
+    des = _Des(system, model, routed, a2a, cost, options, act_bytes, progress)
+    des.env.process(des.main(trace.meta.num_layers))
+    des.env.run()
+    return _collect(des.ops, des.env.now, routed, a2a, system, model, options, trace, cost, act_bytes)
 
-    def device_op(name, key, d, c: OpCost):
-        with compute[d].request() as req:
+
+class _Des:
+    """The SimPy processes of one run: one compute resource per device, one fabric for collectives.
+
+    ``ops`` collects one tuple per operator row (columns :data:`OP_COLUMNS`) as processes finish.
+    """
+
+    def __init__(self, system: System, model: MoEModel, routed: Routed, a2a: AllToAllRouting, cost: CostModel,
+                 options: SimOptions, act_bytes: PayloadBytes, progress, start_s: float = 0.0):
+        self.env = simpy.Environment(initial_time=start_s)  # start_s: where a streamed step starts
+        self.system, self.model, self.routed, self.a2a, self.cost = system, model, routed, a2a, cost
+        self.a2a_model = collective_model(cost, system)
+        self.comm_cost = overlapped_cost(cost, options.comm_sms)  # compute while an all-to-all is in flight
+        self.comm_busy_until_s = start_s  # end of the collective holding the fabric
+        self.options, self.act_bytes, self.progress = options, act_bytes, progress
+        self.d_count = system.num_devices
+        self.compute = [simpy.Resource(self.env, capacity=1) for _ in range(self.d_count)]
+        self.fabric = simpy.Resource(self.env, capacity=1)
+        self.ops: list[tuple] = []
+        self.total_groups = len(routed.group_key)
+        self.done = 0
+        self.shared = options.include_shared_experts and model.num_shared_experts > 0
+
+    def device_op(self, name, key, d, cost_of, beside_comm: bool = False):
+        """``cost_of(cost_model, d)`` is the OpCost; the op runs on :attr:`comm_cost` (fewer SMs) when it
+        starts while a collective is in flight, or ``beside_comm`` (it runs next to its own group's dispatch)."""
+        env = self.env
+        with self.compute[d].request() as req:
             yield req
             start = env.now
+            overlapped = beside_comm or start < self.comm_busy_until_s
+            c: OpCost = cost_of(self.comm_cost if overlapped else self.cost, d)
             if c.time_s > 0:
                 yield env.timeout(c.time_s)
-            ops.append((name, *key, d, start, env.now, c.flops, c.bytes))
+            self.ops.append((name, *key, d, start, env.now, c.flops, c.bytes))
 
-    def collective(name, key, pair_bytes):
-        with fabric.request() as req:
+    def collective(self, name, key, pair_bytes, duration):
+        env = self.env
+        with self.fabric.request() as req:
             yield req
             start = env.now
-            duration = a2a.duration_s(pair_bytes)
+            self.comm_busy_until_s = start + duration
             if duration > 0:
                 yield env.timeout(duration)
             sent = pair_bytes.sum(axis=1) - np.diag(pair_bytes)
-            for d in range(d_count):
-                ops.append((name, *key, d, start, env.now, 0.0, float(sent[d])))
+            for d in range(self.d_count):
+                self.ops.append((name, *key, d, start, env.now, 0.0, float(sent[d])))
 
-    def layer_group(gi):
-        key = tuple(int(x) for x in routed.group_key[gi])
-        rt = routed.router_tokens[gi]
-        yield env.all_of([env.process(device_op("router", key, d, cost.router(
-            device, int(rt[d]), model.hidden_size, model.num_experts, options.dtype))) for d in range(d_count)])
-        pair_bytes = routed.pair_tokens[gi].astype(float) * act_bytes
-        parallel = [env.process(collective("dispatch", key, pair_bytes))]
-        if shared:
-            parallel += [env.process(device_op("shared_ffn", key, d, cost.expert_ffn(
-                device, np.array([rt[d]]), model.hidden_size, model.shared_expert_intermediate_size, options.dtype)))
-                for d in range(d_count)]
+    def on_devices(self, name, key, cost_of, beside_comm: bool = False):
+        """One ``device_op`` process per device; ``cost_of(cost_model, d)`` is its OpCost."""
+        return [self.env.process(self.device_op(name, key, d, cost_of, beside_comm)) for d in range(self.d_count)]
+
+    def layer_group(self, gi):
+        env, model, device, dt = self.env, self.model, self.system.device, self.options.dtype
+        key = tuple(int(x) for x in self.routed.group_key[gi])
+        rt = self.routed.router_tokens[gi]
+        yield env.all_of(self.on_devices("router", key, lambda cost, d: cost.router(
+            device, int(rt[d]), model.hidden_size, model.num_experts, dt)))
+        dispatch_bytes, combine_bytes = a2a_pair_bytes(self.routed.pair_tokens[gi], self.act_bytes)
+        dispatch_s = self.a2a_model.duration_s(self.a2a, dispatch_bytes)
+        parallel = [env.process(self.collective("dispatch", key, dispatch_bytes, dispatch_s))]
+        if self.shared:
+            parallel += self.on_devices("shared_ffn", key, lambda cost, d: cost.expert_ffn(
+                device, np.array([rt[d]]), model.hidden_size, model.shared_expert_intermediate_size, dt),
+                beside_comm=dispatch_s > 0)
         yield env.all_of(parallel)
-        et = routed.expert_tokens[gi]
-        yield env.all_of([env.process(device_op("expert_ffn", key, d, cost.expert_ffn(
-            device, et[d], model.hidden_size, model.moe_intermediate_size, options.dtype))) for d in range(d_count)])
-        yield env.process(collective("combine", key, pair_bytes.T.copy()))
-        done[0] += 1
-        if progress is not None:
-            progress(done[0], total_groups)
+        et = self.routed.expert_tokens[gi]
+        yield env.all_of(self.on_devices("expert_ffn", key, lambda cost, d: cost.expert_ffn(
+            device, et[d], model.hidden_size, model.moe_intermediate_size, dt)))
+        yield env.process(self.collective("combine", key, combine_bytes,
+                                          self.a2a_model.duration_s(self.a2a, combine_bytes)))
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total_groups)
 
-    l_count = trace.meta.num_layers
-    m = options.micro_batches
-
-    def micro_batch(first_group):
+    def micro_batch(self, first_group, l_count):
         for layer in range(l_count):
-            yield env.process(layer_group(first_group + layer))
+            yield self.env.process(self.layer_group(first_group + layer))
 
-    def main():
-        n_steps = total_groups // (m * l_count)
+    def main(self, l_count):
+        m = self.options.micro_batches
+        n_steps = self.total_groups // (m * l_count)
         for s in range(n_steps):
             base = s * m * l_count
-            if options.overlap_micro_batches:
-                yield env.all_of([env.process(micro_batch(base + mb * l_count)) for mb in range(m)])
+            if self.options.overlap_micro_batches:
+                yield self.env.all_of([self.env.process(self.micro_batch(base + mb * l_count, l_count))
+                                       for mb in range(m)])
             else:
                 for mb in range(m):
-                    yield env.process(micro_batch(base + mb * l_count))
+                    yield self.env.process(self.micro_batch(base + mb * l_count, l_count))
 
-    env.process(main())
-    env.run()
-    return _collect(ops, env.now, routed, a2a, system, model, options, trace, cost, act_bytes)
+
+@dataclass(frozen=True, eq=False)
+class RoutingTotals:
+    """The routing counts a Result reports, summed over groups. Integer and additive, so a replay
+    streamed step by step (:mod:`moesim.stream`) adds its steps' totals and gets the in-memory figures.
+
+    device_tokens [L, D]: choices computed per device; pair_tokens [D, D]: choices sent from src (row)
+    to another device dst (column), diagonal 0; dispatched, computed, combined, trace_rows [L]."""
+
+    device_tokens: np.ndarray
+    pair_tokens: np.ndarray
+    dispatched: np.ndarray
+    computed: np.ndarray
+    combined: np.ndarray
+    trace_rows: np.ndarray
+    num_tokens: int
+
+    @classmethod
+    def of(cls, routed: Routed, trace_layer: np.ndarray, l_count: int, num_devices: int) -> "RoutingTotals":
+        """Totals of one aggregation; ``trace_layer`` is the trace's ``layer`` column."""
+        layers = routed.group_key[:, 2]
+        device_tokens = np.zeros((l_count, num_devices), dtype=np.int64)
+        np.add.at(device_tokens, layers, routed.expert_tokens.sum(axis=2))
+        pair = routed.pair_tokens.sum(axis=0, dtype=np.int64)
+        np.fill_diagonal(pair, 0)
+
+        def per_layer(x):
+            return np.bincount(layers, weights=x, minlength=l_count).astype(np.int64)
+        return cls(device_tokens=device_tokens, pair_tokens=pair,
+                   dispatched=per_layer(routed.pair_tokens.sum(axis=(1, 2))),
+                   computed=per_layer(routed.expert_tokens.sum(axis=(1, 2))),
+                   combined=per_layer(np.transpose(routed.pair_tokens, (0, 2, 1)).sum(axis=(1, 2))),
+                   trace_rows=np.bincount(trace_layer, minlength=l_count).astype(np.int64),
+                   num_tokens=routed.num_tokens)
+
+    def __add__(self, other: "RoutingTotals") -> "RoutingTotals":
+        return RoutingTotals(**{f: getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__})
 
 
 def _collect(ops, now, routed: Routed, a2a: AllToAllRouting, system, model, options, trace, cost, act_bytes) -> Result:
-    df = pd.DataFrame(ops, columns=OP_COLUMNS)
-    l_count = trace.meta.num_layers
+    totals = RoutingTotals.of(routed, trace.columns["layer"], trace.meta.num_layers, system.num_devices)
+    return collect_result(pd.DataFrame(ops, columns=OP_COLUMNS), now, totals, a2a, system, model, options, trace.meta,
+                          cost, act_bytes)
+
+
+def layer_times(df: pd.DataFrame, l_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(span, compute, communication) seconds per layer from the operator rows ``df`` (OP_COLUMNS)."""
     inst = df.groupby(["step", "micro_batch", "layer", "op"]).agg(start=("start_at_s", "min"), end=("end_at_s", "max"))
     inst["dur"] = inst["end"] - inst["start"]
     inst = inst.reset_index()
@@ -307,29 +448,29 @@ def _collect(ops, now, routed: Routed, a2a: AllToAllRouting, system, model, opti
     span["dur"] = span["end"] - span["start"]
     layer_time = span.groupby("layer")["dur"].sum().reindex(range(l_count), fill_value=0.0).to_numpy()
     by_kind = inst.assign(kind=np.where(inst["op"].isin(COMM_OPS), "comm", "compute")).groupby(["layer", "kind"])["dur"].sum()
-    comp = by_kind.xs("compute", level="kind").reindex(range(l_count), fill_value=0.0).to_numpy() if "compute" in by_kind.index.get_level_values(1) else np.zeros(l_count)
-    comm = by_kind.xs("comm", level="kind").reindex(range(l_count), fill_value=0.0).to_numpy() if "comm" in by_kind.index.get_level_values(1) else np.zeros(l_count)
-    layers = routed.group_key[:, 2]
-    device_tokens = np.zeros((l_count, system.num_devices), dtype=np.int64)
-    np.add.at(device_tokens, layers, routed.expert_tokens.sum(axis=2))
-    pair = routed.pair_tokens.astype(float) * act_bytes
-    off = pair.copy()
-    idx = np.arange(system.num_devices)
-    off[:, idx, idx] = 0
-    total_pair = off.sum(axis=0)
-    edge = a2a.edge_bytes(total_pair) + a2a.edge_bytes(total_pair.T.copy())  # dispatch + combine
+    kinds = by_kind.index.get_level_values(1)
+    comp = by_kind.xs("compute", level="kind").reindex(range(l_count), fill_value=0.0).to_numpy() if "compute" in kinds else np.zeros(l_count)
+    comm = by_kind.xs("comm", level="kind").reindex(range(l_count), fill_value=0.0).to_numpy() if "comm" in kinds else np.zeros(l_count)
+    return layer_time, comp, comm
+
+
+def collect_result(df: pd.DataFrame, now: float, totals: RoutingTotals, a2a: AllToAllRouting, system, model,
+                   options, trace_meta, cost, act_bytes, times: tuple | None = None) -> Result:
+    """The Result of a replay from its operator rows ``df``, makespan ``now`` and routing ``totals``;
+    ``times`` may give :func:`layer_times` already summed (then ``df`` may be empty)."""
+    l_count = trace_meta.num_layers
+    layer_time, comp, comm = times if times is not None else layer_times(df, l_count)
+    edge = sum(a2a.edge_bytes(b) for b in a2a_pair_bytes(totals.pair_tokens, act_bytes))  # dispatch + combine
     link_bytes = pd.DataFrame({"link": list(a2a.edge_names), "kind": list(a2a.edge_kinds), "bytes": edge})
-    tokens = pd.DataFrame({
-        "layer": np.arange(l_count),
-        "dispatched": np.bincount(layers, weights=routed.pair_tokens.sum(axis=(1, 2)), minlength=l_count).astype(np.int64),
-        "computed": np.bincount(layers, weights=routed.expert_tokens.sum(axis=(1, 2)), minlength=l_count).astype(np.int64),
-        "combined": np.bincount(layers, weights=np.transpose(routed.pair_tokens, (0, 2, 1)).sum(axis=(1, 2)), minlength=l_count).astype(np.int64),
-        "trace_rows": np.bincount(trace.columns["layer"], minlength=l_count).astype(np.int64),
-    })
+    tokens = pd.DataFrame({"layer": np.arange(l_count), "dispatched": totals.dispatched, "computed": totals.computed,
+                           "combined": totals.combined, "trace_rows": totals.trace_rows})
     meta = {"system": system.name, "device": system.device.name, "num_devices": system.num_devices,
-            "model": model.name, "trace_model": trace.meta.model, "trace_source": trace.meta.source,
-            "num_tokens": routed.num_tokens, "num_layers": l_count, "cost_model": getattr(cost, "name", type(cost).__name__),
+            "model": model.name, "trace_model": trace_meta.model, "trace_source": trace_meta.source,
+            "num_tokens": totals.num_tokens, "num_layers": l_count, "cost_model": getattr(cost, "name", type(cost).__name__),
             "micro_batches": options.micro_batches, "dtype": options.dtype,
-            "replica_routing": options.replica_routing, "activation_bytes_per_token": act_bytes}
+            "replica_routing": options.replica_routing, "activation_bytes_per_token": act_bytes.dispatch_bytes,
+            "combine_bytes_per_token": act_bytes.combine_bytes,
+            "dispatch_dtype": options.dispatch_dtype or options.dtype, "combine_dtype": options.combine_dtype or options.dtype,
+            "all_to_all_model": collective_model(cost, system).name, "comm_kernel": options.comm_kernel}
     return Result(ops=df, total_time_s=float(now), layer_time_s=layer_time, layer_compute_s=comp, layer_comm_s=comm,
-                  device_tokens=device_tokens, link_bytes=link_bytes, tokens=tokens, meta=meta)
+                  device_tokens=totals.device_tokens, link_bytes=link_bytes, tokens=tokens, meta=meta)

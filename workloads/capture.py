@@ -425,7 +425,7 @@ class Capture:
                          num_layers=len(self.routers), source=f"moesim.capture run {self.run_id}",
                          extra={"run_id": self.run_id, "steps": self.mode, "routers": [n for n, _ in self.routers]})
         trace = Trace(columns=cols, meta=meta)
-        validate(trace)
+        validate(trace, allow_partial=True)  # a shard may end inside a step; the concatenated trace is checked
         i = len(self._shards)
         name = f"shard-{i:05d}.parquet"
         write_parquet(trace, self.out_dir / name)
@@ -473,13 +473,40 @@ def read_manifest(out_dir) -> dict:
     path = Path(out_dir) / MANIFEST
     if not path.exists():
         raise ValueError(f"{out_dir}: no {MANIFEST}; not a capture directory")
-    return json.loads(path.read_text())
+    try:
+        man = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a valid capture manifest (bad JSON: {exc})") from None
+    if not isinstance(man, dict):
+        raise ValueError(f"{path}: not a valid capture manifest (a JSON object was expected)")
+    return man
+
+
+def shard_paths(out_dir, key: str = "shards", manifest: dict | None = None) -> list[Path]:
+    """The files the manifest of ``out_dir`` lists under ``key`` (``shards`` or ``logit_shards``). Each
+    must be a plain file name inside the capture directory: a name that leads out of it (``../x.parquet``,
+    an absolute path, a link pointing elsewhere) is a ValueError naming the manifest and the entry."""
+    out = Path(out_dir)
+    man = read_manifest(out) if manifest is None else manifest
+    names = man.get(key, [])
+    if not isinstance(names, list):
+        raise ValueError(f"{out / MANIFEST}: key {key!r} must be a list of file names, got {type(names).__name__}")
+    root = out.resolve()
+    paths = []
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{out / MANIFEST}: {key}[{i}] must be a file name, got {name!r}")
+        path = (out / name).resolve()
+        if Path(name).is_absolute() or not path.is_relative_to(root) or path == root:
+            raise ValueError(f"{out / MANIFEST}: {key}[{i}] = {name!r} leads outside the capture directory "
+                             f"{out}; refusing to read it")
+        paths.append(path)
+    return paths
 
 
 def read_logits(out_dir) -> dict[str, np.ndarray]:
     """Router logits recorded with ``record_logits=True``: ``step``, ``layer``, ``token`` [R] and ``logits`` [R, E]."""
-    man = read_manifest(out_dir)
-    parts = [np.load(Path(out_dir) / n, allow_pickle=False) for n in man.get("logit_shards", [])]
+    parts = [np.load(p, allow_pickle=False) for p in shard_paths(out_dir, "logit_shards")]
     if not parts:
         raise ValueError(f"{out_dir}: no router logits recorded (capture with record_logits=True)")
     return {c: np.concatenate([p[c] for p in parts]) for c in ("step", "layer", "token", "logits")}

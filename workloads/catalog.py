@@ -6,6 +6,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from moebase.units import DEFAULT_DTYPE, DTYPE_BYTES
+
 CATALOG_PATH = Path(__file__).parent / "catalog.toml"
 
 _FIELDS = {"hf_id", "hidden_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok", "num_shared_experts",
@@ -32,7 +34,7 @@ class MoEModel:
     def num_moe_layers(self) -> int:
         return len(self.moe_layers)
 
-    def expert_weight_bytes(self, dtype_bytes: int = 2) -> int:
+    def expert_weight_bytes(self, dtype_bytes: int = DTYPE_BYTES[DEFAULT_DTYPE]) -> int:
         """Bytes of one routed expert's SwiGLU weights (gate, up, down)."""
         return 3 * self.hidden_size * self.moe_intermediate_size * dtype_bytes
 
@@ -79,5 +81,6 @@ def load_catalog(path: Path = CATALOG_PATH) -> dict[str, MoEModel]:
 def get_model(name: str) -> MoEModel:
     catalog = load_catalog()
     if name not in catalog:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(catalog))}")
+        from moebase.names import unknown_name
+        raise ValueError(unknown_name("model", name, catalog))
     return catalog[name]

@@ -85,9 +85,30 @@ def import_switch_json(path: str | Path) -> Trace:
     return from_dense(sel, None, meta, extra={"sequence": sequence, "position": position})
 
 
-def load_trace(spec: str | Path) -> Trace:
+def load_table_spec(spec: str) -> tuple[Path | None, dict]:
+    """(path, options) when ``spec`` names an expert-load table (``workloads.load_table``), else (None, {}):
+    a file path, or a path relative to shared/data/traces (``.json.gz`` may be left off), optionally followed
+    by ``:tokens=N,seed=S,steps=N,top_k=K``."""
+    from workloads.load_table import is_load_table_file, split_spec
+
+    name, opts = split_spec(spec)
+    path = Path(name)
+    if not path.exists():
+        shared = find_shared_traces()
+        cands = [] if shared is None else [shared / name, shared / f"{name}.json.gz"]
+        path = next((c for c in cands if c.is_file()), path)
+    if not is_load_table_file(path):
+        if opts:
+            raise TraceError(f"trace {spec!r}: options after ':' apply to expert-load tables only, and {name!r} "
+                             f"is not one (a JSON object with key 'logical_count')")
+        return None, {}
+    return path, opts
+
+
+def load_trace(spec: str | Path, *, allow_partial: bool = False) -> Trace:
     """A trace by name or path: ``default`` (embedded FLAME-MoE-290M), ``flame``, ``switch``,
-    a ``.parquet`` trace, a FLAME ``.npz`` or a switch ``.json``."""
+    a ``.parquet`` trace, a FLAME ``.npz``, a switch ``.json``, or an expert-load table
+    (``.json``/``.json.gz`` with ``logical_count``; see :func:`load_table_spec`)."""
     spec_s = str(spec)
     if spec_s in ("default", "flame-moe-290m"):
         return read_parquet(DEFAULT_TRACE_PATH)
@@ -96,19 +117,26 @@ def load_trace(spec: str | Path) -> Trace:
         if shared is None:
             raise TraceError(f"trace {spec_s!r} needs shared/data/traces; set MOESIM_SHARED_TRACES")
         return import_flame_npz(shared / FLAME_NPZ) if spec_s == "flame" else import_switch_json(shared / SWITCH_JSON)
+    table_path, opts = load_table_spec(spec_s)
+    if table_path is not None:
+        from workloads.load_table import trace_from_table
+        return trace_from_table(table_path, **opts)
     path = Path(spec_s)
     if path.is_dir():
         manifest = path / "manifest.json"
         if manifest.exists():
             # a capture directory: concatenate its shards (see workloads.capture)
+            from workloads.capture import shard_paths
             from workloads.trace import concat
-            names = json.loads(manifest.read_text()).get("shards", [])
-            return concat([read_parquet(path / n) for n in names])
+            return concat([read_parquet(p, allow_partial=True) for p in shard_paths(path)], allow_partial=allow_partial)
         raise TraceError(f"{path}: a directory, but no manifest.json of a capture run in it")
     if not path.exists():
-        raise TraceError(f"no trace named or found at {spec_s!r} (try 'default', 'flame', 'switch' or a .parquet path)")
+        from moebase.names import closest
+        guess = closest(spec_s, ("default", "flame", "switch", "flame-moe-290m", "switch-base-8"))
+        hint = f"did you mean {guess!r}? " if guess else ""
+        raise TraceError(f"no trace named or found at {spec_s!r} ({hint}try 'default', 'flame', 'switch' or a .parquet path)")
     if path.suffix == ".npz":
         return import_flame_npz(path)
     if path.suffix == ".json":
         return import_switch_json(path)
-    return read_parquet(path)
+    return read_parquet(path, allow_partial=allow_partial)

@@ -144,6 +144,10 @@ def capacity(r: RouterLogits, *, k: int = 2, capacity_factor: float = 1.0, renor
                          "dropped_choices": int((~keep).sum())})
 
 
+#: slack when comparing cumulative probability mass with p: float64 cumsum rounding must not keep an extra expert
+_MASS_TOL = 1e-12
+
+
 def top_p(r: RouterLogits, *, p: float = 0.5, max_k: int | None = None) -> Trace:
     """The fewest experts (by probability) whose mass reaches ``p``; at most ``max_k``. Weights = probabilities."""
     n, n_l, e = _check(r)
@@ -154,7 +158,7 @@ def top_p(r: RouterLogits, *, p: float = 0.5, max_k: int | None = None) -> Trace
     prob = _softmax(r.logits.astype(np.float64))
     ids, w = _topk(prob, kmax)
     before = np.cumsum(w, axis=-1) - w  # mass of the experts ranked above
-    keep = before < p - 1e-12
+    keep = before < p - _MASS_TOL
     return _build(r, ids, w, keep, num_experts=e, top_k=kmax, policy="top_p", variable=True,
                   extra={"p": p, "max_k": kmax})
 

@@ -151,7 +151,7 @@ def _reshape(model: SynthModel, e: int, k: int, n_l: int) -> tuple[np.ndarray, n
         # can be reused between layers of other loads; calibration matches the loads). The sampler adds it up
         # over the token's k experts at the previous layer (a product of experts; a plain mixture of the k
         # rows would dilute the affinity k-fold).
-        trans[lp] = np.log(np.clip(p, 1e-9, None) / np.clip(col[None, :], 1e-9, None))
+        trans[lp] = np.log(np.clip(p, _PROB_FLOOR, None) / np.clip(col[None, :], _PROB_FLOOR, None))
     lift = model.locality[src_l] / (model.top_k / model.num_experts)
     loc = np.clip(lift * k / e, 0.0, 1.0)
     xs = np.linspace(0, 1, model.top_k) if model.top_k > 1 else np.zeros(1)
@@ -161,6 +161,9 @@ def _reshape(model: SynthModel, e: int, k: int, n_l: int) -> tuple[np.ndarray, n
 
 
 # ---------------------------------------------------------------- sampling engine
+
+_GUMBEL_EPS = np.float32(1e-12)  # keeps log(0) out of the Gumbel noise when the RNG draws exactly 0
+
 
 def _run(logc: np.ndarray, logb: np.ndarray, trans: np.ndarray, k: int, n_seq: int, seq_len: int,
          rng: np.random.Generator) -> np.ndarray:
@@ -180,7 +183,7 @@ def _run(logc: np.ndarray, logb: np.ndarray, trans: np.ndarray, k: int, n_seq: i
                     score += tl[prev_sel[:, j]]
             if p > 0 and logb[layer] != 0:
                 score[rows, out[:, p - 1, layer]] += logb[layer]
-            score -= np.log(-np.log(rng.random((n_seq, e), dtype=np.float32) + np.float32(1e-12)))  # Gumbel
+            score -= np.log(-np.log(rng.random((n_seq, e), dtype=np.float32) + _GUMBEL_EPS))  # Gumbel
             part = np.argpartition(-score, k - 1, axis=1)[:, :k]
             order = np.argsort(-np.take_along_axis(score, part, axis=1), axis=1)
             sel = np.take_along_axis(part, order, axis=1)
@@ -203,6 +206,17 @@ def _measure(ids: np.ndarray, e: int, seq_len: int) -> tuple[np.ndarray, np.ndar
     return load, eq.mean(axis=(0, 1, 3))
 
 
+# constants of the fixed-point calibration (:func:`calibrate`), each with its reason
+_PROB_FLOOR = 1e-9  # floor of a load share / probability before log(): an unused expert stays finite
+_LOCALITY_FLOOR = 1e-6  # floor of a reuse rate before log(): a layer with no reuse stays finite
+_REFINE_ITERATIONS = 4  # the last iterations use twice the tokens and half the step: less sampling noise
+_STEP, _REFINE_STEP = 0.8, 0.4  # damped fixed-point steps in log space (1.0 overshoots on skewed loads)
+_BOOST_GAIN = 1.5  # the reuse boost responds sub-linearly to log-locality, so it takes a larger step
+_MAX_BOOST_LIFT = 50.0  # a reuse boost starts at most at 50x the uniform reuse rate
+_MAX_LOG_BOOST = 20.0  # and never exceeds e^20: one expert would then take every repeat
+_MIN_LOG_CORRECTION = -40.0  # an expert's log-correction floor: e^-40 ~ never chosen, yet finite
+
+
 @dataclass
 class _Calibrated:
     logc: np.ndarray
@@ -217,22 +231,23 @@ def calibrate(model: SynthModel, num_experts: int, top_k: int, num_layers: int, 
     """Fixed-point calibration of per-expert corrections and reuse boosts for one target shape."""
     load, trans, loc, wprof = _reshape(model, num_experts, top_k, num_layers)
     rng = np.random.default_rng(seed)
-    target = np.clip(load, 1e-9, None)
+    target = np.clip(load, _PROB_FLOOR, None)
     logc = np.log(target)
     base = top_k / num_experts
-    logb = np.log(np.clip(loc / base, 1.0, 50.0))
+    logb = np.log(np.clip(loc / base, 1.0, _MAX_BOOST_LIFT))
     seq_len = max(2, min(model.seq_len, 16))  # short sequences: fewer Python steps, same statistics
     for it in range(iterations):
-        n_tok = tokens if it < iterations - 4 else tokens * 2
+        refine = it >= iterations - _REFINE_ITERATIONS
+        n_tok = tokens * 2 if refine else tokens
         n_seq = max(1, n_tok // seq_len)
         ids = _run(logc, logb, trans, top_k, n_seq, seq_len, rng)
         got_load, got_loc = _measure(ids, num_experts, seq_len)
-        step = 0.8 if it < iterations - 4 else 0.4
-        logc += step * (np.log(target) - np.log(np.clip(got_load, 1e-9, None)))
+        step = _REFINE_STEP if refine else _STEP
+        logc += step * (np.log(target) - np.log(np.clip(got_load, _PROB_FLOOR, None)))
         logc -= logc.max(axis=1, keepdims=True)
-        logc = np.maximum(logc, -40.0)
-        logb = np.clip(logb + 1.5 * step * (np.log(np.clip(loc, 1e-6, None)) - np.log(np.clip(got_loc, 1e-6, None))),
-                       0.0, 20.0)
+        logc = np.maximum(logc, _MIN_LOG_CORRECTION)
+        log_loc_error = np.log(np.clip(loc, _LOCALITY_FLOOR, None)) - np.log(np.clip(got_loc, _LOCALITY_FLOOR, None))
+        logb = np.clip(logb + _BOOST_GAIN * step * log_loc_error, 0.0, _MAX_LOG_BOOST)
         logb = np.where(loc <= base, 0.0, logb)
     return _Calibrated(logc=logc, logb=logb, trans=trans, wprof=wprof, k=top_k)
 

@@ -5,22 +5,34 @@ ordinal, 0..num_layers-1), ``token`` (int64: token index inside its step), ``ran
 0 for the top choice), ``expert`` (int32: 0..num_experts-1), ``weight`` (float32: gate weight).
 Optional columns such as ``sequence``, ``position``, ``token_id`` are carried along.
 Metadata (model, num_experts, top_k, num_layers, source, ...) is stored as JSON in the
-Parquet schema metadata under ``moesim.trace``.
+Parquet schema metadata under ``moesim.trace``, with ``format_version`` (a reader refuses newer
+versions) and ``columns_sha256``, a checksum of the columns written on write and verified on read
+(a damaged body is refused; a trace written without one is accepted with a note in ``Trace.notes``).
+
+Reading never casts lossily: a float expert id 5.7, an int64 id beyond int32 or ``num_experts = 64.9``
+is an error naming the column (or key) and row. Every step must cover every layer the metadata
+declares; a trace with layers missing is refused unless the reader allows partial traces, and then
+it carries a note saying which layers are missing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from moebase.limits import check_alloc
+
 REQUIRED = {"step": np.int32, "layer": np.int32, "token": np.int64, "rank": np.int16, "expert": np.int32,
             "weight": np.float32}
 META_KEY = b"moesim.trace"
 FORMAT_VERSION = 1
+PARTIAL_NOTE = "PARTIAL TRACE"  # notes that start so say layers are missing (see validate's allow_partial)
 
 
 class TraceError(ValueError):
@@ -43,9 +55,34 @@ class TraceMeta:
 
     @classmethod
     def from_json(cls, text: str) -> "TraceMeta":
+        """Parse the metadata JSON; refuse a newer ``format_version`` and non-integral counts."""
         d = json.loads(text)
-        return cls(model=d["model"], num_experts=int(d["num_experts"]), top_k=int(d["top_k"]),
-                   num_layers=int(d["num_layers"]), source=d["source"], extra=d.get("extra", {}))
+        if not isinstance(d, dict):
+            raise TraceError(f"trace metadata must be a JSON object, got {type(d).__name__}")
+        version = d.get("format_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise TraceError(f"trace metadata: format_version must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise TraceError(f"trace format_version {version} is newer than this moesim reads ({FORMAT_VERSION}); "
+                             "upgrade moesim")
+        for key in ("model", "source"):
+            if not isinstance(d.get(key), str):
+                raise TraceError(f"trace metadata: key {key!r} must be a string, got {d.get(key)!r}")
+        extra = d.get("extra", {})
+        if not isinstance(extra, dict):
+            raise TraceError(f"trace metadata: key 'extra' must be an object, got {type(extra).__name__}")
+        return cls(model=d["model"], num_experts=_meta_int(d, "num_experts"), top_k=_meta_int(d, "top_k"),
+                   num_layers=_meta_int(d, "num_layers"), source=d["source"], extra=extra)
+
+
+def _meta_int(d: dict, key: str) -> int:
+    """An integer metadata value: 64 or 64.0, never 64.9 (no silent truncation)."""
+    value = d.get(key)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TraceError(f"trace metadata: key {key!r} must be an integer, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +91,7 @@ class Trace:
 
     columns: dict[str, np.ndarray]
     meta: TraceMeta
+    notes: tuple[str, ...] = ()  # what a reader accepted but a user should hear (no checksum, partial layers)
 
     def __getattr__(self, name: str) -> np.ndarray:
         cols = object.__getattribute__(self, "columns")
@@ -69,8 +107,11 @@ class Trace:
         return int(np.unique(self.columns["step"]).size)
 
     def tokens_per_step(self) -> dict[int, int]:
-        s, t = self.columns["step"], self.columns["token"]
-        return {int(k): int(t[s == k].max()) + 1 for k in np.unique(s)}
+        """Step -> tokens in it (its largest token index + 1)."""
+        steps, inv = np.unique(self.columns["step"], return_inverse=True)
+        n = np.zeros(len(steps), dtype=np.int64)
+        np.maximum.at(n, inv.ravel(), self.columns["token"].astype(np.int64) + 1)
+        return {int(k): int(v) for k, v in zip(steps, n)}
 
     @property
     def num_tokens(self) -> int:
@@ -81,6 +122,7 @@ class Trace:
     def expert_load(self) -> np.ndarray:
         """Selections per expert per layer, shape [num_layers, num_experts] (int64)."""
         m = self.meta
+        check_alloc("the expert-load table (layers x experts)", (m.num_layers, m.num_experts), 8)
         flat = self.columns["layer"].astype(np.int64) * m.num_experts + self.columns["expert"]
         return np.bincount(flat, minlength=m.num_layers * m.num_experts).reshape(m.num_layers, m.num_experts)
 
@@ -149,12 +191,12 @@ def from_dense(expert_ids: np.ndarray, weights: np.ndarray | None, meta: TraceMe
     order = np.lexsort((grid_r.ravel(), token[grid_t.ravel()], grid_l.ravel(), step[grid_t.ravel()]))
     tidx = grid_t.ravel()[order]
     cols = {
-        "step": step[tidx].astype(np.int32),
+        "step": cast_column("step", step[tidx]),
         "layer": grid_l.ravel()[order].astype(np.int32),
-        "token": token[tidx].astype(np.int64),
+        "token": cast_column("token", token[tidx]),
         "rank": grid_r.ravel()[order].astype(np.int16),
-        "expert": expert_ids.ravel()[order].astype(np.int32),
-        "weight": weights.ravel()[order].astype(np.float32),
+        "expert": cast_column("expert", expert_ids.ravel()[order]),
+        "weight": cast_column("weight", weights.ravel()[order]),
     }
     for name, values in (extra or {}).items():
         cols[name] = np.asarray(values)[tidx]
@@ -163,8 +205,36 @@ def from_dense(expert_ids: np.ndarray, weights: np.ndarray | None, meta: TraceMe
     return trace
 
 
-def validate(trace: Trace) -> None:
-    """Raise TraceError naming the first problem: columns, ranges, distinct ranks, finite weights."""
+def cast_column(name: str, values: np.ndarray) -> np.ndarray:
+    """``values`` as the dtype REQUIRED gives column ``name``, refusing lossy casts (a float id 5.7, an
+    int64 id beyond int32, a weight beyond float32) with the column and row named."""
+    values = np.asarray(values)
+    dtype = np.dtype(REQUIRED[name])
+    if values.dtype == dtype:
+        return values
+    if values.dtype == bool or not np.issubdtype(values.dtype, np.number):
+        raise TraceError(f"column {name!r} must be numeric ({dtype}), got {values.dtype}")
+    if np.issubdtype(dtype, np.integer):
+        if np.issubdtype(values.dtype, np.floating):
+            bad = ~np.isfinite(values) | (values != np.floor(values))
+            if bad.any():
+                row = int(np.argmax(bad))
+                raise TraceError(f"column {name!r} row {row}: {values[row].item()!r} is not an integer "
+                                 f"(ids are never rounded)")
+        info = np.iinfo(dtype)
+        bad = (values < info.min) | (values > info.max)
+    else:
+        bad = np.isfinite(values) & (np.abs(values) > np.finfo(dtype).max)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise TraceError(f"column {name!r} row {row}: {values[row].item()!r} does not fit {dtype} "
+                         "(it would wrap or overflow)")
+    return values.astype(dtype)
+
+
+def validate(trace: Trace, *, allow_partial: bool = False) -> None:
+    """Raise TraceError naming the first problem: columns, ranges, distinct ranks, finite weights, and
+    (unless ``allow_partial``) a step without rows for some layer the metadata declares."""
     cols, m = trace.columns, trace.meta
     missing = [c for c in REQUIRED if c not in cols]
     if missing:
@@ -195,54 +265,125 @@ def validate(trace: Trace) -> None:
     if not np.all(np.isfinite(cols["weight"])):
         bad = int(np.argmax(~np.isfinite(cols["weight"])))
         raise TraceError(f"weight at row {bad} is not finite ({cols['weight'][bad]})")
-    # ranks distinct and experts distinct per (step, layer, token)
-    key = ((cols["step"].astype(np.int64) * (m.num_layers) + cols["layer"]) * (int(cols["token"].max()) + 1)
-           + cols["token"])
+    _check_distinct(cols)
+    problem = layer_coverage_problem(trace)
+    if problem and not allow_partial:
+        raise TraceError(f"{problem}; a missing layer would be simulated as free (allow partial traces to "
+                         "accept it with a warning)")
+
+
+def _check_distinct(cols: dict[str, np.ndarray]) -> None:
+    """Ranks distinct and experts distinct per (step, layer, token): one packed int64 key per row when
+    the ids fit (checked in Python integers, so no overflow), else a sort comparing neighbours."""
+    step, layer, token = cols["step"], cols["layer"], cols["token"]
     for name in ("rank", "expert"):
-        width = int(cols[name].max()) + 1
-        full = key * width + cols[name]
-        uniq, counts = np.unique(full, return_counts=True)
-        if counts.max() > 1:
-            dup = uniq[np.argmax(counts > 1)] // width
-            row = int(np.argmax(key == dup))
-            raise TraceError(f"{name}s repeat for one token: step {int(cols['step'][row])}, layer "
-                             f"{int(cols['layer'][row])}, token {int(cols['token'][row])}")
+        spans = [int(c.max()) + 1 for c in (step, layer, token, cols[name])]
+        if math.prod(spans) < 2**63:
+            key = ((step.astype(np.int64) * spans[1] + layer) * spans[2] + token) * spans[3] + cols[name]
+            order = np.argsort(key, kind="stable")
+            same = key[order][1:] == key[order][:-1]
+        else:
+            order = np.lexsort((cols[name], token, layer, step))
+            same = np.ones(len(order) - 1, dtype=bool)
+            for col in (cols[name], token, layer, step):
+                v = col[order]
+                same &= v[1:] == v[:-1]
+        if same.any():
+            row = int(order[int(np.argmax(same))])
+            raise TraceError(f"{name}s repeat for one token: step {int(step[row])}, layer "
+                             f"{int(layer[row])}, token {int(token[row])}")
+
+
+def layer_coverage_problem(trace: Trace) -> str | None:
+    """None when every step has rows for every layer 0..num_layers-1; else one sentence naming the
+    incomplete steps and the missing layers of the first of them."""
+    step, layer = trace.columns["step"], trace.columns["layer"]
+    num_layers = trace.meta.num_layers
+    order = np.lexsort((layer, step))
+    s, lay = step[order], layer[order]
+    new = np.concatenate([[True], (s[1:] != s[:-1]) | (lay[1:] != lay[:-1])])
+    pair_step, pair_layer = s[new], lay[new]
+    steps, counts = np.unique(pair_step, return_counts=True)
+    short = counts < num_layers
+    if not short.any():
+        return None
+    first = steps[int(np.argmax(short))]
+    present = pair_layer[pair_step == first]
+    gaps = np.flatnonzero(present != np.arange(len(present)))
+    first_missing = int(gaps[0]) if len(gaps) else len(present)
+    shown = [int(x) for x in np.setdiff1d(np.arange(first_missing, min(num_layers, first_missing + 64)), present)[:8]]
+    more = num_layers - len(present) - len(shown)
+    listing = ", ".join(map(str, shown)) + (f" and {more} more" if more > 0 else "")
+    return (f"{int(short.sum())} of {len(steps)} step(s) lack layers: step {int(first)} has no rows for layer(s) "
+            f"{listing} of num_layers={num_layers}")
+
+
+def columns_checksum(columns: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the columns (sorted by name; name, dtype and bytes of each), hex."""
+    h = hashlib.sha256()
+    for name in sorted(columns):
+        v = np.ascontiguousarray(columns[name])
+        h.update(f"{name}:{v.dtype.str}:{len(v)}\n".encode())
+        h.update("\x00".join(map(str, v)).encode() if v.dtype == object else v.tobytes())
+    return h.hexdigest()
 
 
 def write_parquet(trace: Trace, path: str | Path) -> Path:
-    """Write a validated trace to Parquet (atomically: a temp file renamed into place)."""
+    """Write a validated trace to Parquet (atomically: a temp file renamed into place), with a checksum
+    of its columns in the metadata."""
     import pyarrow as pa
 
-    from moesim.parquet_io import write_with_header
+    from moebase.parquet_io import write_with_header
 
-    validate(trace)
+    validate(trace, allow_partial=True)
     table = pa.table({k: pa.array(v) for k, v in trace.columns.items()})
-    return write_with_header(table, path, META_KEY, trace.meta.to_json())
+    header = {**json.loads(trace.meta.to_json()), "columns_sha256": columns_checksum(trace.columns)}
+    return write_with_header(table, path, META_KEY, json.dumps(header, sort_keys=True))
 
 
-def read_parquet(path: str | Path) -> Trace:
-    """Read and validate a Parquet trace; a damaged or foreign file raises TraceError naming it."""
-    from moesim.parquet_io import read_with_header
+def read_parquet(path: str | Path, *, allow_partial: bool = False) -> Trace:
+    """Read and validate a Parquet trace; a damaged or foreign file raises TraceError naming it.
+
+    The checksum is verified (a trace without one gets a note); columns are cast without loss; a step
+    that lacks layers is an error unless ``allow_partial`` (then a note says which)."""
+    from moebase.parquet_io import read_with_header
 
     path = Path(path)
     table, meta_raw = read_with_header(path, META_KEY, TraceError, "trace", "trace metadata")
     try:
+        header = json.loads(meta_raw.decode())
         meta = TraceMeta.from_json(meta_raw.decode())
+    except TraceError as exc:
+        raise TraceError(f"{path}: {exc}") from None
     except (KeyError, ValueError, TypeError) as exc:
         raise TraceError(f"{path}: trace metadata is unreadable: {exc}") from None
     columns = {name: table.column(name).to_numpy() for name in table.column_names}
-    for name, dtype in REQUIRED.items():
-        if name in columns and np.issubdtype(columns[name].dtype, np.number):
-            columns[name] = columns[name].astype(dtype, copy=False)
-    trace = Trace(columns=columns, meta=meta)
+    notes = _verify_checksum(path, header, columns)
     try:
-        validate(trace)
+        for name in REQUIRED:
+            if name in columns and np.issubdtype(columns[name].dtype, np.number):
+                columns[name] = cast_column(name, columns[name])
+        trace = Trace(columns=columns, meta=meta)
+        validate(trace, allow_partial=allow_partial)
     except TraceError as exc:
         raise TraceError(f"{path}: {exc}") from None
-    return trace
+    problem = layer_coverage_problem(trace)
+    if problem:
+        notes.append(f"{PARTIAL_NOTE} ({path.name}): {problem}")
+    return replace(trace, notes=tuple(notes))
 
 
-def concat(traces: list[Trace]) -> Trace:
+def _verify_checksum(path: Path, header: dict, columns: dict[str, np.ndarray]) -> list[str]:
+    expected = header.get("columns_sha256")
+    if expected is None:
+        return [f"{path.name} has no column checksum (written before moesim wrote one); its body is not verified"]
+    if columns_checksum(columns) != expected:
+        raise TraceError(f"{path}: the columns do not match the checksum in the metadata (the file was damaged or "
+                         "edited after it was written)")
+    return []
+
+
+def concat(traces: list[Trace], *, allow_partial: bool = False) -> Trace:
     """Concatenate traces of one model (e.g. capture shards); metadata must agree on shape."""
     if not traces:
         raise TraceError("nothing to concatenate")
@@ -253,8 +394,12 @@ def concat(traces: list[Trace]) -> Trace:
     names = [c for c in traces[0].columns if all(c in t.columns for t in traces)]
     cols = {c: np.concatenate([t.columns[c] for t in traces]) for c in names}
     top_k = max(t.meta.top_k for t in traces)
+    notes = [n for n in dict.fromkeys(n for t in traces for n in t.notes) if not n.startswith(PARTIAL_NOTE)]
     trace = Trace(columns=cols, meta=replace(m0, top_k=top_k))
     order = np.lexsort((cols["rank"], cols["token"], cols["layer"], cols["step"]))
     trace = trace.select(order)
-    validate(trace)
-    return trace
+    validate(trace, allow_partial=allow_partial)
+    problem = layer_coverage_problem(trace)
+    if problem:
+        notes.append(f"{PARTIAL_NOTE}: {problem}")
+    return replace(trace, notes=tuple(notes))

@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from moebase.units import MS, NS
+
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -154,11 +156,11 @@ def _sample(fn, inner: int, on_gpu: bool) -> float:
             fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) * 1e-3 / inner
+        return start.elapsed_time(end) * MS / inner  # CUDA events count milliseconds
     a = time.perf_counter_ns()
     for _ in range(inner):
         fn()
-    return (time.perf_counter_ns() - a) * 1e-9 / inner
+    return (time.perf_counter_ns() - a) * NS / inner
 
 
 def _inner_count(fn, warmup: int, min_sample_s: float, on_gpu: bool) -> int:
@@ -171,7 +173,7 @@ def _inner_count(fn, warmup: int, min_sample_s: float, on_gpu: bool) -> int:
     t0 = time.perf_counter_ns()
     fn()
     sync()
-    est_s = max((time.perf_counter_ns() - t0) * 1e-9, 1e-9)
+    est_s = max((time.perf_counter_ns() - t0) * NS, NS)  # at least the clock's 1 ns
     return int(min(max(np.ceil(min_sample_s / est_s), 1), 10_000))
 
 
@@ -183,7 +185,7 @@ def time_call(fn: Callable[[], object], *, on_gpu: bool, warmup: int, repeats: i
             from triton.testing import do_bench
 
             ms = do_bench(fn, warmup=25, rep=100, return_mode="all")
-            return np.asarray(ms, dtype=float) * 1e-3
+            return np.asarray(ms, dtype=float) * MS
         except ImportError:
             pass
     inner = _inner_count(fn, warmup, min_sample_s, on_gpu)

@@ -16,6 +16,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from moebase.units import NS
+
 
 def mixtral_config(model, num_layers: int) -> dict:
     """A Mixtral-style config (HF names) with the shapes of catalog ``model``."""
@@ -67,7 +69,7 @@ def time_moe_stack(config: dict, experts: np.ndarray, weights: np.ndarray, *, dt
                     permute(x, p["tok"], buf_in)
                     expert_ffn_loop(buf_in, p["offsets"], p["w_up"], p["w_down"], buf_out)
                     unpermute(buf_out, p["w"], p["tok"], scaled, out)
-                    samples[r, li] = (time.perf_counter_ns() - a) * 1e-9
+                    samples[r, li] = (time.perf_counter_ns() - a) * NS
                     x = x + out
         return samples[1:]
     finally:

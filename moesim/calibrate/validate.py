@@ -17,8 +17,7 @@ import pandas as pd
 
 from hwmodels.calib_profile import Profile
 from hwmodels.calibrated import CalibratedCost, CalibrationWarning, op_features
-
-PUBLISHED_PATH = Path(__file__).resolve().parents[2] / "hwmodels" / "published" / "kernels.toml"
+from hwmodels.specs import PUBLISHED_KERNELS_PATH
 
 
 def split_holdout(profile: Profile, fraction: float = 0.3, seed: int = 0) -> np.ndarray:
@@ -78,12 +77,15 @@ def mape_table(pred: pd.DataFrame) -> pd.DataFrame:
                          "table_worst_pct": g["t"].max()}).reset_index()
 
 
-def published_checks(path: str | Path = PUBLISHED_PATH) -> pd.DataFrame:
+def published_checks(path: str | Path = PUBLISHED_KERNELS_PATH) -> pd.DataFrame:
     """The spec roofline against published figures: one row per entry with published and predicted
-    values (TFLOPS for grouped GEMMs, GB/s for all-to-all bottleneck bandwidth), error (%) and source."""
+    values (TFLOPS for grouped GEMMs, GB/s for all-to-all bottleneck bandwidth), error (%) and source.
+
+    ``path``: the figures' TOML; the bundled one is :data:`hwmodels.specs.PUBLISHED_KERNELS_PATH`. This
+    module is app layer (the calibration runner): it reads that file and the device specs it names."""
     from hwmodels.cost import RooflineCost
     from hwmodels.specs import SPEC_DIR, load_device, load_system
-    from moesim.units import GB, TFLOPS
+    from moebase.units import GB, TFLOPS
 
     path = Path(path)
     try:
@@ -98,7 +100,8 @@ def published_checks(path: str | Path = PUBLISHED_PATH) -> pd.DataFrame:
         g, m, n, k = e["groups"], e["m_per_group"], e["n"], e["k"]
         t = sum(cost.gemm(dev, m, n, k, e["dtype"]).time_s for _ in range(g)) - (g - 1) * dev.launch_latency_s
         pred = 2.0 * g * m * n * k / t / TFLOPS
-        rows.append({"check": f"DeepGEMM grouped GEMM {g}x{m} n={n} k={k} {e['dtype']}", "unit": "TFLOPS",
+        label = f"DeepGEMM {e.get('layout', 'contiguous')} {g}x{m} n={n} k={k} {e['dtype']}"
+        rows.append({"check": label, "unit": "TFLOPS",
                      "published": float(e["value_tflops"]), "predicted": pred,
                      "error_pct": (pred / e["value_tflops"] - 1) * 100, "model": f"spec roofline ({dev.name})",
                      "source": e["source"]})

@@ -10,33 +10,38 @@ from pathlib import Path
 
 import numpy as np
 
+from moesim.cli._common import float_in, int_in
+
 
 def register(sub) -> None:
     p = sub.add_parser("capture-demo", help="train a small Mixtral-style MoE on the Python stdlib's source "
                        "(byte level, CPU) and capture the routing of training and of a generation pass")
     p.add_argument("--out", default="run/capture-demo", help="output directory (must not exist or be empty)")
-    p.add_argument("--seconds", type=float, default=60.0, help="training time budget in seconds")
-    p.add_argument("--max-steps", type=int, default=400, help="at most this many optimizer steps")
-    p.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
-    p.add_argument("--seq-len", type=int, default=64, help="bytes per sequence")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
-    p.add_argument("--gen-tokens", type=int, default=32, help="tokens generated after training")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seconds", type=float_in(0, 86400, open_lo=True), default=60.0,
+                   help="training time budget in seconds")
+    p.add_argument("--max-steps", type=int_in(1, 10_000_000), default=400, help="at most this many optimizer steps")
+    p.add_argument("--batch", type=int_in(1, 4096), default=8, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int_in(2, 65536), default=64, help="bytes per sequence")
+    p.add_argument("--accum", type=int_in(1, 1024), default=1,
+                   help="micro-batches per optimizer step (gradient accumulation)")
+    p.add_argument("--gen-tokens", type=int_in(0, 65536), default=32, help="tokens generated after training")
+    p.add_argument("--seed", type=int_in(0, None), default=0, help="seed of the random generators (reproducible runs)")
     p.set_defaults(func=_demo)
     p = sub.add_parser("trace-stats", help="per-layer load, imbalance, entropy, Gini, locality of a trace")
-    p.add_argument("trace", help="trace name or path (default, flame, switch, .parquet, capture dir)")
+    p.add_argument("trace", help="trace name or path (default, flame, switch, .parquet, capture dir) or an "
+                   "expert-load table (.json[.gz] with logical_count: its own per-layer statistics)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_stats)
     p = sub.add_parser("synth", help="fit the synthetic generator to a trace and write a generated trace, "
                        "or --validate it against held-out real data and the uniform/Zipf baselines")
     p.add_argument("--fit", default="default", help="real trace to fit (name or path)")
     p.add_argument("--out", help="write the generated trace here (.parquet)")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per step")
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--experts", type=int, help="num_experts (default: fitted)")
-    p.add_argument("--top-k", type=int, help="top-k (default: fitted)")
-    p.add_argument("--layers", type=int, help="num_layers (default: fitted)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", type=int_in(1, 100_000_000), default=4096, help="tokens per step")
+    p.add_argument("--steps", type=int_in(1, 1_000_000), default=1, help="steps to generate")
+    p.add_argument("--experts", type=int_in(1, 65536), help="num_experts (default: fitted)")
+    p.add_argument("--top-k", type=int_in(1, 1024), help="top-k (default: fitted)")
+    p.add_argument("--layers", type=int_in(1, 4096), help="num_layers (default: fitted)")
+    p.add_argument("--seed", type=int_in(0, None), default=0, help="seed of the random generators (reproducible runs)")
     p.add_argument("--validate", action="store_true", help="print the validation table (FLAME + OLMoE stats)")
     p.set_defaults(func=_synth)
 
@@ -160,8 +165,9 @@ def _mutual_info(trace) -> np.ndarray:
 
 
 def _demo(args) -> int:
-    from moesim.cli._common import progress_bar
+    from moesim.cli._common import check_writable, progress_bar
 
+    check_writable(args.out, directory=True)
     with progress_bar("training", total=args.max_steps, unit="step") as update:
         s = run_demo(args.out, seconds=args.seconds, max_steps=args.max_steps, batch=args.batch, seq_len=args.seq_len,
                      accum=args.accum, gen_tokens=args.gen_tokens, seed=args.seed, progress=update)
@@ -178,8 +184,11 @@ def _demo(args) -> int:
 
 def _stats(args) -> int:
     from workloads import stats
-    from workloads.importers import load_trace
+    from workloads.importers import load_table_spec, load_trace
 
+    table_path, _ = load_table_spec(args.trace)
+    if table_path is not None:
+        return _table_stats(table_path, args.json)
     trace = load_trace(args.trace)
     rows = stats.layer_summary(trace)
     if args.json:
@@ -195,6 +204,27 @@ def _stats(args) -> int:
     return 0
 
 
+def _table_stats(path, as_json: bool) -> int:
+    """The expert-load table's own statistics (no expansion)."""
+    from workloads.load_table import read_load_table, table_stats
+
+    table = read_load_table(path)
+    rows = table_stats(table)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    mom = [r["max_over_mean"] for r in rows]
+    print(f"{path.name}: load table of {table.model}, {table.num_tokens} tokens, {len(rows)} MoE layers (table rows "
+          f"{table.moe_layers[0]}-{table.moe_layers[-1]}), {table.num_experts} experts, top-{table.top_k}; max/mean "
+          f"{min(mom):.2f}-{max(mom):.2f}, mean {sum(mom) / len(mom):.2f}")
+    print("layer  row  max/mean  max/tokens  min/mean     cv  entropy(bits)   gini  unused")
+    for r in rows:
+        print(f"{r['layer']:5d}  {r['model_layer']:3d}  {r['max_over_mean']:8.3f}  {r['max_share_of_tokens']:10.3f}  "
+              f"{r['min_over_mean']:8.3f}  {r['cv']:5.3f}  {r['entropy_bits']:13.3f}  {r['gini']:5.3f}  "
+              f"{r['experts_unused']:6d}")
+    return 0
+
+
 # ---------------------------------------------------------------- synth
 
 def _synth(args) -> int:
@@ -206,8 +236,10 @@ def _synth(args) -> int:
         return 0
     if not args.out:
         raise ValueError("synth: give --out PATH.parquet (or --validate)")
+    from moesim.cli._common import check_writable
     from workloads.trace import write_parquet
 
+    check_writable(args.out)
     model = synth.fit(load_trace(args.fit))
     trace = synth.generate(model, args.tokens, num_steps=args.steps, num_experts=args.experts, top_k=args.top_k,
                            num_layers=args.layers, seed=args.seed)

@@ -12,7 +12,7 @@ def register(sub) -> None:
 
 def _systems(args) -> int:
     from hwmodels.specs import available_systems, load_system
-    from moesim.units import format_quantity
+    from moebase.units import format_quantity
 
     for name in available_systems():
         s = load_system(name)

@@ -12,21 +12,28 @@ runs at a time on the whole deployment (tensor-parallel over ``tp`` devices, eac
                        per device + tensor-parallel all-reduces over the scale-up link (ring; 0 for tp = 1),
                        plus ``overhead_s_per_token`` per decode step.
 
-Schedulers (one dict, :data:`SCHEDULERS`): ``fifo`` (arrival order, FIFO eviction), ``lru`` (arrival
-order, LRU eviction) and ``cpsat`` (OR-Tools CP-SAT: pins the most valuable models in HBM (a knapsack
-on request counts x switch time) and orders/batches the pending requests by model to cut switches
-while meeting a latency bound where it can).
+Schedulers are plain functions ``(ServeState) -> expert to serve next``, named in one dict,
+:data:`SCHEDULERS`: ``fifo`` (arrival order, FIFO eviction), ``lru`` (arrival order, LRU eviction) and
+``cpsat`` (OR-Tools CP-SAT: pins the most valuable models in HBM (a knapsack on request counts x switch
+time) and orders/batches the pending requests by model to cut switches while meeting a latency bound
+where it can). Adding one is one edit: write the function and name it in :data:`SCHEDULERS`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from hwmodels.specs import System
+from moebase.units import DEFAULT_DTYPE, DTYPE_BYTES, GB
 from moesim.memory.tiers import MemoryError_, MemoryHierarchy
+
+#: FLOPs of one token through a dense model: one multiply-add (2 FLOPs) per parameter
+FLOPS_PER_PARAM_PER_TOKEN = 2.0
+DEFAULT_DTYPE_BYTES = DTYPE_BYTES[DEFAULT_DTYPE]
 
 
 @dataclass(frozen=True)
@@ -38,10 +45,10 @@ class ExpertModel:
     num_params: float
     num_layers: int = 0  # decoder layers (for tensor-parallel all-reduces; 0 = not modelled)
     hidden_size: int = 0
-    dtype_bytes: int = 2
+    dtype_bytes: int = DEFAULT_DTYPE_BYTES
 
     @classmethod
-    def dense(cls, name: str, num_params: float, dtype_bytes: int = 2, num_layers: int = 0,
+    def dense(cls, name: str, num_params: float, dtype_bytes: int = DEFAULT_DTYPE_BYTES, num_layers: int = 0,
               hidden_size: int = 0) -> "ExpertModel":
         return cls(name=name, weight_bytes=float(num_params) * dtype_bytes, num_params=float(num_params),
                    num_layers=num_layers, hidden_size=hidden_size, dtype_bytes=dtype_bytes)
@@ -49,12 +56,15 @@ class ExpertModel:
     @classmethod
     def llama2_7b(cls, name: str = "llama-2-7b") -> "ExpertModel":
         """Llama-2-7B in bf16 (the base of Samba-CoE's experts)."""
-        return cls.dense(name, LLAMA2_7B_PARAMS, 2, num_layers=32, hidden_size=4096)
+        return cls.dense(name, LLAMA2_7B_PARAMS, DTYPE_BYTES["bf16"], num_layers=LLAMA2_7B_LAYERS,
+                         hidden_size=LLAMA2_7B_HIDDEN_SIZE)
 
 
 # Llama-2-7B: 6.74e9 parameters (Touvron et al. 2023, Table 1 "7B"; HF config: 32 layers, hidden 4096,
 # intermediate 11008, vocab 32000 -> 6,738,415,616 parameters). Samba-CoE's experts derive from it.
 LLAMA2_7B_PARAMS = 6_738_415_616
+LLAMA2_7B_LAYERS = 32
+LLAMA2_7B_HIDDEN_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -137,14 +147,16 @@ class Deployment:
 
     @classmethod
     def from_system(cls, system: System, *, tp: int | None = None, store_tier: str | None = None,
-                    dtype: str = "bf16", **kw) -> "Deployment":
-        """A deployment over ``tp`` devices of ``system`` (default: all of them). ``store_tier``
-        defaults to the device's ``ddr`` tier if it has one, else ``host``."""
+                    dtype: str = DEFAULT_DTYPE, **kw) -> "Deployment":
+        """A deployment over ``tp`` devices of ``system`` (default: all of them). ``hbm_tier`` defaults to
+        the device's main memory, ``store_tier`` to the tier behind it (:meth:`MemoryHierarchy.backing_tier`:
+        ``ddr`` on an SN40L, ``host`` on a GPU)."""
         h = MemoryHierarchy.from_system(system)
         tp = tp or system.num_devices
         if tp > system.num_devices:
             raise MemoryError_(f"tp={tp} exceeds the {system.num_devices} devices of {system.name!r}")
-        store = store_tier or ("ddr" if "ddr" in h.tiers else "host")
+        kw.setdefault("hbm_tier", system.device.main_memory.name)
+        store = store_tier or h.backing_tier(kw["hbm_tier"])
         kw.setdefault("tp_link_bandwidth_bytes_per_s", system.scale_up.bandwidth_bytes_per_s)
         kw.setdefault("tp_link_latency_s", system.scale_up.latency_s)
         return cls(hierarchy=h, tp=tp, peak_flops_per_s=system.device.peak(dtype), store_tier=store,
@@ -167,13 +179,13 @@ class Deployment:
         self.hierarchy.check_fits(per_device, f"model {model.name!r} ({self.tp}-way sharded)")
         store = self.hierarchy.tier(self.store_tier)
         if per_device > store.capacity_bytes:
-            raise MemoryError_(f"model {model.name!r} shard of {per_device / 1e9:.3g} GB does not fit the store tier "
-                               f"{store.name!r} ({store.capacity_bytes / 1e9:.3g} GB)")
+            raise MemoryError_(f"model {model.name!r} shard of {per_device / GB:.3g} GB does not fit the store tier "
+                               f"{store.name!r} ({store.capacity_bytes / GB:.3g} GB)")
         hbm = self.hierarchy.tier(self.hbm_tier)
         n = int(hbm.capacity_bytes * (1.0 - self.hbm_reserve_fraction) // per_device)
         if n < 1:
-            raise MemoryError_(f"model {model.name!r} shard of {per_device / 1e9:.3g} GB does not fit in "
-                               f"{self.hbm_tier} ({hbm.capacity_bytes / 1e9:.3g} GB) of {self.name or 'the deployment'}")
+            raise MemoryError_(f"model {model.name!r} shard of {per_device / GB:.3g} GB does not fit in "
+                               f"{self.hbm_tier} ({hbm.capacity_bytes / GB:.3g} GB) of {self.name or 'the deployment'}")
         return n
 
     def store_capacity_models(self, model: ExpertModel) -> int:
@@ -185,12 +197,12 @@ class Deployment:
 
     def prefill_s(self, model: ExpertModel, tokens: int) -> float:
         hbm_bw = self.hierarchy.tier(self.hbm_tier).bandwidth_bytes_per_s
-        return max(2.0 * model.num_params * tokens / (self.tp * self.peak_flops_per_s),
+        return max(FLOPS_PER_PARAM_PER_TOKEN * model.num_params * tokens / (self.tp * self.peak_flops_per_s),
                    model.weight_bytes / (self.tp * hbm_bw)) + self.allreduce_s(model, tokens)
 
     def decode_step_s(self, model: ExpertModel, batch: int) -> float:
         hbm_bw = self.hierarchy.tier(self.hbm_tier).bandwidth_bytes_per_s
-        return max(2.0 * model.num_params * batch / (self.tp * self.peak_flops_per_s),
+        return max(FLOPS_PER_PARAM_PER_TOKEN * model.num_params * batch / (self.tp * self.peak_flops_per_s),
                    model.weight_bytes / (self.tp * hbm_bw)) + self.allreduce_s(model, batch) + self.overhead_s_per_token
 
     def service_s(self, model: ExpertModel, batch: int, prompt_tokens: int, output_tokens: int) -> float:
@@ -231,6 +243,116 @@ def _check_requests(requests: list[Request], models: list[ExpertModel]) -> None:
             raise MemoryError_(f"request {r.id}: token counts must be >= 0")
 
 
+# ----------------------------------------------------------------------------- schedulers
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Knobs of :func:`serve` (see its docstring)."""
+
+    max_batch: int = 8
+    latency_bound_s: float = 10.0
+    preload: bool = True
+    window: int = 64
+    pin_fraction: float = 0.5
+    time_limit_s: float = 0.5
+
+
+@dataclass
+class ServeState:
+    """What a scheduler sees, and may change, each time :func:`serve` picks the next model.
+
+    pending: admitted, unserved requests in arrival order; resident: models in HBM, oldest first (a
+    scheduler that calls :func:`touch` makes it recency order); counts [models]: requests admitted so
+    far per model; pinned: models never evicted while another can be; plan: the scheduler's own queue
+    of models still to run (kept between calls)."""
+
+    models: list[ExpertModel]
+    dep: Deployment
+    slots: int
+    options: ServeOptions
+    now_s: float = 0.0
+    pending: list[Request] = field(default_factory=list)
+    resident: OrderedDict = field(default_factory=OrderedDict)
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pinned: set = field(default_factory=set)
+    plan: list = field(default_factory=list)
+
+
+#: a scheduler: the expert model to serve next (it must have a pending request)
+Scheduler = Callable[[ServeState], int]
+
+
+def touch(state: ServeState, expert: int) -> None:
+    """Mark a resident model as just used (recency order of ``state.resident``)."""
+    if expert in state.resident:
+        state.resident.move_to_end(expert)
+
+
+def fifo(state: ServeState) -> int:
+    """Arrival order; eviction takes the model loaded longest ago."""
+    return state.pending[0].expert
+
+
+def lru(state: ServeState) -> int:
+    """Arrival order; eviction takes the least recently used model."""
+    e = state.pending[0].expert
+    touch(state, e)
+    return e
+
+
+def cpsat(state: ServeState) -> int:
+    """OR-Tools CP-SAT: knapsack pinning of the models worth most (requests x switch time) in
+    ``pin_fraction`` of the HBM slots, and per window of pending requests an order of the per-model
+    groups that meets the latency bound first and minimises request-weighted completion second;
+    eviction takes the least recently used unpinned model."""
+    state.plan = [e for e in state.plan if any(r.expert == e for r in state.pending)]
+    if not state.plan:
+        state.pinned = _pin(state)
+        state.plan = _plan_window(state)
+    e = state.plan[0]
+    touch(state, e)
+    return e
+
+
+SCHEDULERS: dict[str, Scheduler] = {"fifo": fifo, "lru": lru, "cpsat": cpsat}
+
+
+def _pin(state: ServeState) -> set[int]:
+    o, dep, models = state.options, state.dep, state.models
+    budget = state.slots * (1.0 if o.pin_fraction >= 1 else o.pin_fraction)
+    if budget < 1:
+        return set()
+    per = [m.weight_bytes / dep.tp for m in models]
+    return _pin_models(state.counts, models, dep, int(budget) * max(per), o.time_limit_s)
+
+
+def _plan_window(state: ServeState) -> list[int]:
+    """CP-SAT order of the models of the first ``window`` pending requests (switch + service per group)."""
+    o, dep, models = state.options, state.dep, state.models
+    by: dict[int, list[Request]] = {}
+    for r in state.pending[:o.window]:
+        by.setdefault(r.expert, []).append(r)
+    groups = list(by.items())
+    dur = []
+    for e, rs in groups:
+        sw = 0.0 if e in state.resident else dep.switch_s(models[e])
+        full, last = divmod(len(rs), o.max_batch)
+        sv = full * dep.service_s(models[e], o.max_batch, rs[0].prompt_tokens, rs[0].output_tokens)
+        if last:
+            sv += dep.service_s(models[e], last, rs[0].prompt_tokens, rs[0].output_tokens)
+        dur.append(sw + sv)
+    order = _order_groups(groups, dur, state.now_s, o.latency_bound_s, o.time_limit_s)
+    return [groups[j][0] for j in order]
+
+
+#: CP-SAT needs integers: the knapsack counts a model shard in units of 1/KNAPSACK_UNITS of the
+#: smallest shard (at least one byte), values in request-microseconds, the order in 0.1 ms ticks
+KNAPSACK_UNITS = 1000.0
+VALUE_TICKS_PER_S = 1e6
+ORDER_TICKS_PER_S = 1e4
+
+
 def _pin_models(counts: np.ndarray, models: list[ExpertModel], dep: Deployment, budget_bytes: float,
                 time_limit_s: float) -> set[int]:
     """CP-SAT knapsack: keep resident the models maximising (requests x switch time saved) in budget_bytes."""
@@ -241,9 +363,9 @@ def _pin_models(counts: np.ndarray, models: list[ExpertModel], dep: Deployment, 
         return set()
     m = cp_model.CpModel()
     x = {e: m.NewBoolVar(f"keep{e}") for e in cand}
-    unit = max(1.0, min(models[e].weight_bytes for e in cand) / dep.tp / 1000.0)
+    unit = max(1.0, min(models[e].weight_bytes for e in cand) / dep.tp / KNAPSACK_UNITS)
     m.Add(sum(int(round(models[e].weight_bytes / dep.tp / unit)) * x[e] for e in cand) <= int(budget_bytes // unit))
-    m.Maximize(sum(int(round(counts[e] * dep.switch_s(models[e]) * 1e6)) * x[e] for e in cand))
+    m.Maximize(sum(int(round(counts[e] * dep.switch_s(models[e]) * VALUE_TICKS_PER_S)) * x[e] for e in cand))
     solver = _solve(m, time_limit_s)
     if solver is None:
         return set()
@@ -259,8 +381,7 @@ def _order_groups(groups: list[tuple[int, list[Request]]], dur: list[float], now
     n = len(groups)
     if n <= 1:
         return list(range(n))
-    scale = 1e4  # 0.1 ms ticks
-    d = [max(0, int(round(x * scale))) for x in dur]
+    d = [max(0, int(round(x * ORDER_TICKS_PER_S))) for x in dur]
     horizon = sum(d) + 1
     m = cp_model.CpModel()
     starts, ends, late, ivs = [], [], [], []
@@ -269,7 +390,7 @@ def _order_groups(groups: list[tuple[int, list[Request]]], dur: list[float], now
         e = m.NewIntVar(0, horizon, f"e{j}")
         ivs.append(m.NewIntervalVar(s, d[j], e, f"iv{j}"))
         deadline = min(r.arrival_at_s for r in reqs) + latency_bound_s - now
-        dl = int(round(deadline * scale))
+        dl = int(round(deadline * ORDER_TICKS_PER_S))
         lt = m.NewIntVar(0, horizon + abs(dl), f"late{j}")
         m.Add(lt >= e - dl)
         starts.append(s), ends.append(e), late.append(lt)
@@ -294,6 +415,41 @@ def _solve(m, time_limit_s: float):
     return solver if st in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
 
 
+# ----------------------------------------------------------------------------- serving
+
+#: relative slack before a request counts as late (absorbs floating-point rounding of the clock)
+DEADLINE_TOLERANCE = 1e-12
+
+
+def _check_serve(models: list[ExpertModel], dep: Deployment, scheduler: str, options: ServeOptions) -> int:
+    """Validate the inputs of :func:`serve`; returns the HBM slots."""
+    if scheduler not in SCHEDULERS:
+        raise MemoryError_(f"unknown scheduler {scheduler!r}; known: {sorted(SCHEDULERS)}")
+    if options.max_batch < 1:
+        raise MemoryError_(f"max_batch must be >= 1, got {options.max_batch}")
+    if not models:
+        raise MemoryError_("the composition has no expert models")
+    slots = min(dep.slots(m) for m in models)
+    for m in models:
+        if m.weight_bytes / dep.tp > dep.hierarchy.tier(dep.store_tier).capacity_bytes:
+            raise MemoryError_(f"model {m.name!r} does not fit the store tier {dep.store_tier!r}")
+    return slots
+
+
+def _switch_to(state: ServeState, e: int) -> float | None:
+    """Load model ``e`` into HBM if it is not resident (evicting the first unpinned model in resident
+    order); returns the switch time, or None when ``e`` was resident (no switch)."""
+    if e in state.resident:
+        return None
+    while len(state.resident) >= state.slots:
+        victim = next((k for k in state.resident if k not in state.pinned and k != e), None)
+        if victim is None:
+            victim = next(iter(state.resident))
+        del state.resident[victim]
+    state.resident[e] = None
+    return state.dep.switch_s(state.models[e])
+
+
 def serve(requests: list[Request], models: list[ExpertModel], dep: Deployment, *, scheduler: str = "fifo",
           max_batch: int = 8, latency_bound_s: float = 10.0, preload: bool = True, window: int = 64,
           pin_fraction: float = 0.5, time_limit_s: float = 0.5) -> CoEResult:
@@ -302,104 +458,44 @@ def serve(requests: list[Request], models: list[ExpertModel], dep: Deployment, *
     ``max_batch``: requests of one model served together. ``latency_bound_s``: each request should
     complete by arrival + bound (a deadline miss is counted otherwise). cpsat: ``window`` pending
     requests per plan, ``pin_fraction`` of the HBM slots pinned by the knapsack."""
-    if scheduler not in SCHEDULERS:
-        raise MemoryError_(f"unknown scheduler {scheduler!r}; known: {sorted(SCHEDULERS)}")
-    if max_batch < 1:
-        raise MemoryError_(f"max_batch must be >= 1, got {max_batch}")
-    if not models:
-        raise MemoryError_("the composition has no expert models")
+    options = ServeOptions(max_batch=max_batch, latency_bound_s=latency_bound_s, preload=preload, window=window,
+                           pin_fraction=pin_fraction, time_limit_s=time_limit_s)
+    slots = _check_serve(models, dep, scheduler, options)
     _check_requests(requests, models)
-    slots = min(dep.slots(m) for m in models)
-    for m in models:
-        if m.weight_bytes / dep.tp > dep.hierarchy.tier(dep.store_tier).capacity_bytes:
-            raise MemoryError_(f"model {m.name!r} does not fit the store tier {dep.store_tier!r}")
-    reqs = sorted(requests, key=lambda r: (r.arrival_at_s, r.id))
-    resident: OrderedDict[int, None] = OrderedDict()  # insertion (FIFO) / recency (LRU) order
+    choose = SCHEDULERS[scheduler]
+    state = ServeState(models=models, dep=dep, slots=slots, options=options, counts=np.zeros(len(models)))
     if preload:
         for e in range(min(slots, len(models))):
-            resident[e] = None
-    pinned: set[int] = set()
-    counts = np.zeros(len(models))
-    t = 0.0
-    i = 0
-    pending: list[Request] = []
-    plan: list[int] = []
-    latency = np.zeros(len(reqs))
+            state.resident[e] = None
+    reqs = sorted(requests, key=lambda r: (r.arrival_at_s, r.id))
     index_of = {r.id: k for k, r in enumerate(reqs)}
+    latency = np.zeros(len(reqs))
     log = []
-    switches = 0
+    i = switches = misses = 0
     switch_total = service_total = 0.0
-    misses = 0
-
-    def admit(now):
-        nonlocal i
-        while i < len(reqs) and reqs[i].arrival_at_s <= now:
-            pending.append(reqs[i])
-            counts[reqs[i].expert] += 1
+    while i < len(reqs) or state.pending:
+        if not state.pending:
+            state.now_s = max(state.now_s, reqs[i].arrival_at_s)
+        while i < len(reqs) and reqs[i].arrival_at_s <= state.now_s:
+            state.pending.append(reqs[i])
+            state.counts[reqs[i].expert] += 1
             i += 1
-
-    while i < len(reqs) or pending:
-        if not pending:
-            t = max(t, reqs[i].arrival_at_s)
-        admit(t)
-        # --- choose the model to run next and its batch
-        if scheduler == "cpsat":
-            plan = [e for e in plan if any(r.expert == e for r in pending)]
-            if not plan:
-                budget = slots * (1.0 if pin_fraction >= 1 else pin_fraction)
-                per = [m.weight_bytes / dep.tp for m in models]
-                pinned = _pin_models(counts, models, dep, int(budget) * max(per), time_limit_s) if budget >= 1 else set()
-                win = pending[:window]
-                by: dict[int, list[Request]] = {}
-                for r in win:
-                    by.setdefault(r.expert, []).append(r)
-                groups = list(by.items())
-                dur = []
-                for e, rs in groups:
-                    sw = 0.0 if e in resident else dep.switch_s(models[e])
-                    nb = -(-len(rs) // max_batch)
-                    full, last = divmod(len(rs), max_batch)
-                    sv = full * dep.service_s(models[e], max_batch, rs[0].prompt_tokens, rs[0].output_tokens)
-                    if last:
-                        sv += dep.service_s(models[e], last, rs[0].prompt_tokens, rs[0].output_tokens)
-                    dur.append(sw + sv if nb else sw)
-                order = _order_groups(groups, dur, t, latency_bound_s, time_limit_s)
-                plan = [groups[j][0] for j in order]
-            e = plan[0]
-            batch = [r for r in pending if r.expert == e][:max_batch]
-        else:
-            e = pending[0].expert
-            batch = [r for r in pending if r.expert == e][:max_batch]
-        # --- switch if needed
-        sw = 0.0
-        if e not in resident:
-            while len(resident) >= slots:
-                victim = next((k for k in resident if k not in pinned and k != e), None)
-                if victim is None:
-                    victim = next(iter(resident))
-                del resident[victim]
-            resident[e] = None
-            sw = dep.switch_s(models[e])
-            switches += 1
-        elif scheduler in ("lru", "cpsat"):
-            resident.move_to_end(e)
+        e = choose(state)
+        batch = [r for r in state.pending if r.expert == e][:max_batch]
+        sw = _switch_to(state, e)
+        switches += sw is not None
+        sw = sw or 0.0
         sv = dep.service_s(models[e], len(batch), max(r.prompt_tokens for r in batch),
                            max(r.output_tokens for r in batch))
-        log.append((t, e, len(batch), sw, sv))
-        t += sw + sv
+        log.append((state.now_s, e, len(batch), sw, sv))
+        state.now_s += sw + sv
         switch_total += sw
         service_total += sv
-        done = {r.id for r in batch}
         for r in batch:
-            lat = t - r.arrival_at_s
+            lat = state.now_s - r.arrival_at_s
             latency[index_of[r.id]] = lat
-            if lat > latency_bound_s * (1 + 1e-12):
-                misses += 1
-        pending = [r for r in pending if r.id not in done]
+            misses += lat > latency_bound_s * (1 + DEADLINE_TOLERANCE)
+        done = {r.id for r in batch}
+        state.pending = [r for r in state.pending if r.id not in done]
     return CoEResult(scheduler=scheduler, switches=switches, switch_s=switch_total, service_s=service_total,
-                     makespan_s=t, latency_s=latency, deadline_misses=misses, batches=len(log), log=log)
-
-
-SCHEDULERS = {"fifo": "arrival order, evict the model loaded longest ago",
-              "lru": "arrival order, evict the least recently used model",
-              "cpsat": "OR-Tools CP-SAT: knapsack pinning + per-window ordering/batching by model under a latency bound"}
+                     makespan_s=state.now_s, latency_s=latency, deadline_misses=int(misses), batches=len(log), log=log)

@@ -29,8 +29,12 @@ from dataclasses import dataclass, field
 import simpy
 
 from hwmodels.specs import MemoryTier, System
+from moebase.units import GB
 
 HOST = "host"
+#: a transfer counts as finished when its remaining bytes would take less than this at its share of
+#: the bandwidth (absorbs floating-point rounding of the processor-sharing bookkeeping)
+FINISH_TOLERANCE_S = 1e-12
 
 
 class MemoryError_(ValueError):
@@ -116,8 +120,7 @@ class SharedLink:
             return  # stale: the active set changed since this timer was set
         self._advance()
         share = self.bandwidth_bytes_per_s / max(len(self._active), 1)
-        # finished: remaining bytes within rounding of zero (less than a picosecond of transfer)
-        eps = share * 1e-12
+        eps = share * FINISH_TOLERANCE_S
         finished = [tid for tid, item in self._active.items() if item[0] <= eps]
         for tid in finished:
             _, ev = self._active.pop(tid)
@@ -194,6 +197,23 @@ class MemoryHierarchy:
         ch = self.channel(src, dst)
         return transfer_time_s(nbytes, ch.bandwidth_bytes_per_s, ch.latency_s)
 
+    def backing_tier(self, cache_tier: str) -> str:
+        """The tier a cache in ``cache_tier`` fetches misses from: the tier listed right after it (tiers
+        are listed fastest first, e.g. ``ddr`` behind ``hbm`` on an SN40L), which is ``host`` memory
+        behind the host link when the cache tier is the device's last (e.g. HBM on a GPU)."""
+        order = self.order
+        self.tier(cache_tier)
+        at = order.index(cache_tier)
+        if at + 1 >= len(order):
+            raise MemoryError_(f"tier {cache_tier!r} of {self.name or 'the hierarchy'} has no slower tier behind it")
+        return order[at + 1]
+
+    def stream_tier(self, cache_tier: str) -> str | None:
+        """The tier compute streams weights into from ``cache_tier``: the fastest tier (e.g. SRAM on an
+        SN40L) when it is not the cache tier itself, else None (compute reads the cache tier)."""
+        first = self.order[0]
+        return None if first in (cache_tier, HOST) else first
+
     def largest_tier(self) -> MemoryTier:
         return max(self.tiers.values(), key=lambda t: t.capacity_bytes)
 
@@ -201,9 +221,9 @@ class MemoryHierarchy:
         """Raise a clear error when ``nbytes`` is larger than every tier."""
         biggest = self.largest_tier()
         if nbytes > biggest.capacity_bytes:
-            raise MemoryError_(f"{what} needs {nbytes / 1e9:.3g} GB, larger than every memory tier of "
+            raise MemoryError_(f"{what} needs {nbytes / GB:.3g} GB, larger than every memory tier of "
                                f"{self.name or 'the hierarchy'} (largest: {biggest.name}, "
-                               f"{biggest.capacity_bytes / 1e9:.3g} GB)")
+                               f"{biggest.capacity_bytes / GB:.3g} GB)")
 
     def with_tier(self, name: str, **changes) -> "MemoryHierarchy":
         """A copy with one tier's capacity_bytes / bandwidth_bytes_per_s / latency_s changed (for sweeps)."""

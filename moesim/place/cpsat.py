@@ -16,6 +16,10 @@ so the split rule "each replica serves 1/r of its expert's tokens" keeps the mod
 - joint: lexicographic with a tolerance: first the balance optimum ``M*`` per layer, then the
   traffic model under ``M <= (1 + balance_tolerance) * M*`` (M: the balance objective).
 
+These are rows of :mod:`moesim.place.objectives` (``OBJECTIVES``: stages in order; ``STAGES``: build,
+bound, evaluate); the code here builds the shared layer model and schedules the stages, by their
+attributes, never by their names. A layer's solve takes one :class:`~moesim.place.objectives.LayerTask`.
+
 Multi-node systems whose flat layer model exceeds ``HIER_MIN_DECISIONS`` (experts x GPUs) are solved
 by the node-then-GPU decomposition of :mod:`moesim.place.hier` (DeepSeek-V3 scale on few cores).
 
@@ -27,27 +31,36 @@ honours its time limit, and reports the proven bound.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 from ortools.sat.python import cp_model
 
-from moesim.place.baselines import greedy_assignment, replica_counts
 from moesim.place import hier
-from moesim.place.local import improve_layer
-from moesim.place.problem import PlacementProblem, assignment_to_placement
+from moesim.place.baselines import greedy_assignment, replica_counts
+from moesim.place.objectives import (OBJECTIVES, STAGES, TRAFFIC_SCALE, LayerData, LayerTask, Stage, balance_cuts,
+                                     gpu_maxes, layer_data)
+from moesim.place.problem import PlacementProblem, assignment_to_placement, placement_to_assignment
 from moesim.placement import Placement, PlacementError
 
-OBJECTIVES = ("balance", "traffic", "joint")
+__all__ = ["HIER_MIN_DECISIONS", "OBJECTIVES", "TRAFFIC_SCALE", "LayerSolve", "SolveReport", "default_workers",
+           "solve", "traffic_cost_matrix", "traffic_of"]
+
 _STATUS = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible", cp_model.INFEASIBLE: "infeasible",
            cp_model.UNKNOWN: "unknown", cp_model.MODEL_INVALID: "invalid"}
-TRAFFIC_SCALE = 10  # traffic costs are rounded to 1/10 of a token-NVLink crossing
 HIER_MIN_DECISIONS = 4096  # experts x GPUs per layer above which multi-node problems are solved hierarchically
+MIN_LIMIT_S = 0.05  # CP-SAT limit floor (seconds or deterministic units): it always gets a moment to improve the hint
+MIN_LEFT_S = 0.05  # a layer whose stage deadline is closer than this keeps its warm start (status time-out)
+MIN_HIER_LIMIT_S = 0.02  # the hierarchical models' floor (they split it further over node and GPU models)
+NO_WALL_LIMIT_S = 1e9  # deterministic runs stop on deterministic time only, never on wall seconds
+OBJECTIVE_TOL = 1e-9  # CP-SAT's solution replaces the warm start only when better by more than float noise
+OPTIMAL_TOL = 1e-12  # hierarchical: an objective this close to the proven bound is reported optimal
+BUILD_RESERVE = 0.9  # a stage's solves may use 90% of its budget: the rest is model building and bookkeeping
+MIN_WORKERS_PER_SOLVE = 2  # CP-SAT needs >= 2 workers for its LNS portfolio (1 worker found nothing in 0.4 s)
 
 
 @dataclass
@@ -94,183 +107,174 @@ class SolveReport:
         return out
 
 
-def _share_scale(counts: np.ndarray) -> int:
-    """Integer scale for per-replica shares ``load * scale / count`` (exact when lcm(counts) <= 720)."""
-    lcm = math.lcm(*[int(c) for c in np.unique(counts)])
-    return lcm if lcm <= 720 else 720
+Result = tuple[np.ndarray, LayerSolve, int]  # (assign [E, D] int8, report, scenario-summed max GPU load, scaled)
 
 
-def _solve_layer(problem: PlacementProblem, layer: int, counts: np.ndarray, hint: np.ndarray, stage: str,
-                 time_limit_s: float, num_workers: int, seed: int, traffic_cost: np.ndarray | None = None,
-                 max_load: int | None = None, current: np.ndarray | None = None,
-                 max_moves: int | None = None, deterministic: bool = False,
-                 deadline_at_s: float | None = None, hierarchical: bool = False) -> tuple[np.ndarray, LayerSolve, int]:
-    """One layer's model. counts [E], hint/current [E, D] 0/1, traffic_cost [E, D] (cost of a copy of
-    e on GPU d, float). Returns (assign [E, D] int8, report, best max-load in scaled units)."""
-    e_count, d_count, spd = problem.num_experts, problem.num_devices, problem.slots_per_device
-    if deadline_at_s is not None and not deterministic:  # never run past the stage's deadline
-        time_limit_s = min(time_limit_s, deadline_at_s - time.perf_counter())
-    loads = [problem.load[layer]]
-    if problem.scenarios is not None:
-        loads += [sc[layer] for sc in problem.scenarios]
-    limit0_s, t_swap = time_limit_s, time.perf_counter()
-    if stage == "balance" and d_count > 1:  # sharpen the greedy warm start with swap local search
-        shares = np.stack([ld / counts for ld in loads])
-        hint = improve_layer(np.asarray(hint, dtype=np.int8), shares, spd,
-                             np.inf if deterministic else 0.25 * time_limit_s,
-                             max_swaps=5000 if deterministic else None)
-        if current is not None and max_moves is not None and int((hint * (1 - current)).sum()) > max_moves:
-            hint = np.asarray(current, dtype=np.int8) if np.all(current.sum(axis=1) == counts) else hint
-        time_limit_s *= 0.75
-    scale = _share_scale(counts)
-    ws = [np.rint(ld.astype(float) * scale / counts).astype(np.int64) for ld in loads]
-    if deadline_at_s is not None and not deterministic and deadline_at_s - time.perf_counter() < 0.05:
-        return _keep_hint(layer, stage, hint, ws, scale, counts, spd, traffic_cost, max_load, current, max_moves,
-                          0.0, "time-out")
-    if hierarchical and (current is None or max_moves is None):  # the swap search usually stops early: reuse its time
-        return _solve_layer_hier(problem, layer, counts, hint, stage, ws, scale,
-                                 limit0_s - (time.perf_counter() - t_swap), num_workers, seed,
-                                 traffic_cost, max_load, deterministic, deadline_at_s)
+def _clamped(task: LayerTask, limit_s: float) -> float:
+    """Wall-time runs never run past the stage's deadline; deterministic runs ignore it."""
+    if task.deadline_at_s is None or task.deterministic:
+        return limit_s
+    return min(limit_s, task.deadline_at_s - time.perf_counter())
+
+
+def _solve_layer(task: LayerTask) -> Result:
+    """One layer's model (one stage, :data:`moesim.place.objectives.STAGES`)."""
+    stage = STAGES[task.stage]
+    task = replace(task, time_limit_s=_clamped(task, task.time_limit_s))
+    limit0_s, t_swap = task.time_limit_s, time.perf_counter()
+    if stage.sharpen is not None and task.problem.num_devices > 1:
+        task = stage.sharpen(task)
+    data = layer_data(task)
+    if task.deadline_at_s is not None and not task.deterministic and \
+            task.deadline_at_s - time.perf_counter() < MIN_LEFT_S:
+        return _keep_hint(task, data, 0.0, "time-out")
+    if task.hierarchical and not task.capped_moves:  # the swap search usually stops early: reuse its time
+        left_s = limit0_s if task.deterministic else limit0_s - (time.perf_counter() - t_swap)
+        return _solve_layer_hier(replace(task, time_limit_s=left_s), data)
+    if task.capped_moves and _moves_needed(task) > task.max_moves:  # CP-SAT 9.15 aborts on this with interleave_search
+        raise _infeasible(task)
+    m, x, mxs = _flat_model(task, data)
+    stage.build(m, x, mxs, data)
+    unit = stage.unit(data)
+    solver = _solver(task, _clamped(task, task.time_limit_s))  # model building took some of the time
+    t0 = time.perf_counter()
+    status = solver.Solve(m)
+    wall_s = time.perf_counter() - t0
+    # the cuts are a valid bound even when presolve did not finish
+    bound = max(solver.BestObjectiveBound() / unit, stage.bound(data, task.problem.num_devices) / unit)
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return _better_of(task, data, solver, x, mxs, status, bound, wall_s)
+    if status == cp_model.INFEASIBLE:
+        raise _infeasible(task)
+    return _keep_hint(task, data, wall_s, "warm-start", bound)
+
+
+def _moves_needed(task: LayerTask) -> int:
+    """New copies any placement with these counts needs (an expert keeps at most its current copies)."""
+    return int(np.maximum(task.counts - task.current.sum(axis=1), 0).sum())
+
+
+def _infeasible(task: LayerTask) -> PlacementError:
+    return PlacementError(f"layer {task.layer} ({task.stage}): infeasible: "
+                          + ("the migration cap is too small for these replica counts" if task.max_moves is not None
+                             else "no placement satisfies the constraints"))
+
+
+def _flat_model(task: LayerTask, data: LayerData) -> tuple[cp_model.CpModel, list[list], list]:
+    """x[e][d] copy of e on GPU d; copies and slot constraints; per-scenario max GPU load variables with the
+    balance cuts; the load cap, the migration cap and the warm start. The objective is the stage's."""
+    p = task.problem
+    e_count, d_count, spd = p.num_experts, p.num_devices, p.slots_per_device
     m = cp_model.CpModel()
     x = [[m.NewBoolVar(f"x{e}_{d}") for d in range(d_count)] for e in range(e_count)]
     lin = cp_model.LinearExpr
     cols = [[x[e][d] for e in range(e_count)] for d in range(d_count)]
     for e in range(e_count):
-        m.Add(lin.sum(x[e]) == int(counts[e]))
+        m.Add(lin.sum(x[e]) == int(task.counts[e]))
     for d in range(d_count):
         m.Add(lin.sum(cols[d]) <= spd)
     mxs = []
-    for s_i, w in enumerate(ws):  # max GPU load of the nominal load and of each scenario
+    for s_i, w in enumerate(data.ws):  # max GPU load of the nominal load and of each scenario
         mx = m.NewIntVar(0, int(w.sum()), f"max_load{s_i}")
         nz = np.flatnonzero(w)
         coeffs = [int(c) for c in w[nz]]
         for d in range(d_count):
             m.Add(lin.weighted_sum([cols[d][e] for e in nz], coeffs) <= mx)
-        m.Add(mx >= -(-int(w.sum()) // d_count))  # average-load cut
-        m.Add(mx >= int(w.max(initial=0)))
+        average, largest = balance_cuts(w, d_count)
+        m.Add(mx >= average)
+        m.Add(mx >= largest)
         mxs.append(mx)
-    total_mx = lin.sum(mxs)
-    if max_load is not None:
-        m.Add(total_mx <= int(max_load))
-    if current is not None and max_moves is not None:
-        m.Add(lin.sum([x[e][d] for e, d in zip(*np.nonzero(current == 0))]) <= int(max_moves))
+    if task.max_load is not None:
+        m.Add(lin.sum(mxs) <= int(task.max_load))
+    if task.capped_moves:
+        m.Add(lin.sum([x[e][d] for e, d in zip(*np.nonzero(task.current == 0))]) <= int(task.max_moves))
     for e in range(e_count):
         for d in range(d_count):
-            m.AddHint(x[e][d], bool(hint[e, d]))
-    if stage == "balance":
-        m.Minimize(total_mx)
-        unit = scale * len(ws)  # objective: mean over nominal + scenarios of the max GPU load, in tokens
-    else:
-        tc = np.rint(traffic_cost * TRAFFIC_SCALE).astype(np.int64)
-        ei, di = np.nonzero(tc)
-        m.Minimize(lin.weighted_sum([x[e][d] for e, d in zip(ei, di)], [int(c) for c in tc[ei, di]]))
-        unit = TRAFFIC_SCALE
+            m.AddHint(x[e][d], bool(task.hint[e, d]))
+    return m, x, mxs
+
+
+def _solver(task: LayerTask, limit_s: float) -> cp_model.CpSolver:
     solver = cp_model.CpSolver()
-    if deadline_at_s is not None and not deterministic:  # model building took some of the time
-        time_limit_s = min(time_limit_s, deadline_at_s - time.perf_counter())
-    solver.parameters.max_time_in_seconds = max(0.05, float(time_limit_s))
-    solver.parameters.num_workers = max(1, int(num_workers))
-    solver.parameters.random_seed = int(seed)
-    if deterministic:  # reproducible: deterministic time instead of wall time, interleaved workers
-        solver.parameters.max_time_in_seconds = 1e9
-        solver.parameters.max_deterministic_time = max(0.05, float(time_limit_s))
+    solver.parameters.max_time_in_seconds = max(MIN_LIMIT_S, float(limit_s))
+    solver.parameters.num_workers = max(1, int(task.num_workers))
+    solver.parameters.random_seed = int(task.seed)
+    if task.deterministic:  # reproducible: deterministic time instead of wall time, interleaved workers
+        solver.parameters.max_time_in_seconds = NO_WALL_LIMIT_S
+        solver.parameters.max_deterministic_time = max(MIN_LIMIT_S, float(limit_s))
         solver.parameters.interleave_search = True
-    t0 = time.perf_counter()
-    status = solver.Solve(m)
-    wall_s = time.perf_counter() - t0
-    bound = solver.BestObjectiveBound() / unit
-    if stage == "balance":  # the cuts above are a valid bound even when presolve did not finish
-        bound = max(bound, sum(max(-(-int(w.sum()) // d_count), int(w.max(initial=0))) for w in ws) / unit)
-    else:
-        bound = max(bound, 0.0)
-    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        assign = np.array([[solver.Value(x[e][d]) for d in range(d_count)] for e in range(e_count)], dtype=np.int8)
-        rep = LayerSolve(layer=layer, stage=stage, status=_STATUS[status], objective=solver.ObjectiveValue() / unit,
-                         bound=min(bound, solver.ObjectiveValue() / unit), wall_s=wall_s)
-        try:  # CP-SAT may return a solution worse than the hint when stopped early: keep the better one
-            kept = _keep_hint(layer, stage, hint, ws, scale, counts, spd, traffic_cost, max_load, current, max_moves,
-                              wall_s, "warm-start", bound)
-        except PlacementError:
-            kept = None
-        if kept is not None and kept[1].objective < rep.objective - 1e-9:
-            return kept
-        return assign, rep, int(sum(solver.Value(v) for v in mxs))
-    if status == cp_model.INFEASIBLE:
-        raise PlacementError(f"layer {layer} ({stage}): infeasible: "
-                             + ("the migration cap is too small for these replica counts" if max_moves is not None
-                                else "no placement satisfies the constraints"))
-    return _keep_hint(layer, stage, hint, ws, scale, counts, spd, traffic_cost, max_load, current, max_moves, wall_s,
-                      "warm-start", bound)
+    return solver
 
 
-def _solve_layer_hier(problem, layer, counts, hint, stage, ws, scale, time_limit_s, num_workers, seed, traffic_cost,
-                      max_load, deterministic, deadline_at_s):
+def _better_of(task: LayerTask, data: LayerData, solver: cp_model.CpSolver, x: list[list], mxs: list, status: int,
+               bound: float, wall_s: float) -> Result:
+    """CP-SAT may return a solution worse than the hint when stopped early: keep the better one."""
+    p = task.problem
+    unit = STAGES[task.stage].unit(data)
+    assign = np.array([[solver.Value(x[e][d]) for d in range(p.num_devices)] for e in range(p.num_experts)],
+                      dtype=np.int8)
+    rep = LayerSolve(layer=task.layer, stage=task.stage, status=_STATUS[status],
+                     objective=solver.ObjectiveValue() / unit,
+                     bound=min(bound, solver.ObjectiveValue() / unit), wall_s=wall_s)
+    try:
+        kept = _keep_hint(task, data, wall_s, "warm-start", bound)
+    except PlacementError:
+        kept = None
+    if kept is not None and kept[1].objective < rep.objective - OBJECTIVE_TOL:
+        return kept
+    return assign, rep, int(sum(solver.Value(v) for v in mxs))
+
+
+def _solve_layer_hier(task: LayerTask, data: LayerData) -> Result:
     """:func:`_solve_layer` by the node-then-GPU decomposition of :mod:`moesim.place.hier`."""
-    dpn, spd = problem.devices_per_node, problem.slots_per_device
-    hint = np.asarray(hint, dtype=np.int8)
-    if deadline_at_s is not None and not deterministic:
-        time_limit_s = min(time_limit_s, deadline_at_s - time.perf_counter())
+    stage = STAGES[task.stage]
+    p = task.problem
+    dpn, spd, ws = p.devices_per_node, p.slots_per_device, data.ws
+    hint = np.asarray(task.hint, dtype=np.int8)
+    limit_s = _clamped(task, task.time_limit_s)
     t0 = time.perf_counter()
-    tc = gpu_caps = None
-    if stage != "balance":
-        tc = np.rint(traffic_cost * TRAFFIC_SCALE).astype(np.int64)
-        if max_load is not None:  # per-scenario caps: the hint's maxima, scaled to the total cap
-            hint_mx = hier.gpu_maxes(ws, hint)
-            gpu_caps = np.floor(hint_mx * (int(max_load) / max(int(hint_mx.sum()), 1))).astype(np.int64)
+    gpu_caps = None
+    if data.traffic is not None and task.max_load is not None:  # per-scenario caps: the hint's maxima, scaled
+        hint_mx = gpu_maxes(ws, hint)
+        gpu_caps = np.floor(hint_mx * (int(task.max_load) / max(int(hint_mx.sum()), 1))).astype(np.int64)
     assign, status, node_obj, node_bound = hier.solve_layer(
-        ws, counts, hint, dpn, spd, stage=stage, time_limit_s=max(0.02, time_limit_s), num_workers=num_workers,
-        seed=seed, deterministic=deterministic, traffic_cost=tc, gpu_caps=gpu_caps)
+        ws, task.counts, hint, dpn, spd, node_share=stage.node_share, time_limit_s=max(MIN_HIER_LIMIT_S, limit_s),
+        num_workers=task.num_workers, seed=task.seed, deterministic=task.deterministic, traffic_cost=data.traffic,
+        gpu_caps=gpu_caps)
     wall_s = time.perf_counter() - t0
-    ok = np.all(assign.sum(axis=1) == counts) and np.all(assign.sum(axis=0) <= spd) and assign.max() <= 1
-    mx_new, mx_hint = hier.gpu_maxes(ws, assign), hier.gpu_maxes(ws, hint)
-    if max_load is not None:
-        ok = ok and int(mx_new.sum()) <= int(max_load)
-    n_count = hint.shape[1] // dpn
-    if stage == "balance":
-        unit = scale * len(ws)
-        better = ok and mx_new.sum() < mx_hint.sum()
-        cut = sum(max(-(-int(w.sum()) // hint.shape[1]), int(w.max(initial=0))) for w in ws)
-        bound = max(cut, math.ceil(node_bound / dpn - 1e-9) if math.isfinite(node_bound) else 0) / unit
-        chosen = assign if better else hint
-        obj = int(hier.gpu_maxes(ws, chosen).sum()) / unit
-    else:
-        unit = TRAFFIC_SCALE
-        better = ok and int((tc * assign).sum()) < int((tc * hint).sum())
-        chosen = assign if better else hint
-        node_cost = np.rint(tc.reshape(len(counts), n_count, dpn).mean(axis=2)).astype(np.int64)
-        obj = float((node_cost * chosen.reshape(len(counts), n_count, dpn).sum(axis=2)).sum()) / unit
-        bound = max(0.0, node_bound / unit) if math.isfinite(node_bound) else 0.0
-    status = ("optimal" if obj <= bound + 1e-12 else "feasible") if better else "warm-start"
-    rep = LayerSolve(layer=layer, stage=stage, status=status, objective=obj,
-                     bound=min(bound, obj), wall_s=wall_s)
-    return chosen.copy(), rep, int(hier.gpu_maxes(ws, chosen).sum())
+    ok = np.all(assign.sum(axis=1) == task.counts) and np.all(assign.sum(axis=0) <= spd) and assign.max() <= 1
+    if task.max_load is not None:
+        ok = ok and int(gpu_maxes(ws, assign).sum()) <= int(task.max_load)
+    unit = stage.unit(data)
+    better = ok and stage.evaluate(data, assign) < stage.evaluate(data, hint)
+    chosen = assign if better else hint
+    obj = stage.node_value(data, chosen, dpn) / unit
+    bound = stage.node_bound(data, node_bound, p.num_devices, dpn) / unit
+    status = ("optimal" if obj <= bound + OPTIMAL_TOL else "feasible") if better else "warm-start"
+    rep = LayerSolve(layer=task.layer, stage=task.stage, status=status, objective=obj, bound=min(bound, obj),
+                     wall_s=wall_s)
+    return chosen.copy(), rep, int(gpu_maxes(ws, chosen).sum())
 
 
-def _keep_hint(layer, stage, hint, ws, scale, counts, spd, traffic_cost, max_load, current, max_moves, wall_s,
-               status, bound=None):
-    """No CP-SAT solution in time: keep the warm start when it satisfies every constraint."""
-    hint = np.asarray(hint, dtype=np.int8)
-    hint_mx = int(sum((w[:, None] * hint).sum(axis=0).max() for w in ws))
-    ok = (np.all(hint.sum(axis=1) == counts) and np.all(hint.sum(axis=0) <= spd)
-          and (max_load is None or hint_mx <= max_load)
-          and (current is None or max_moves is None or int((hint * (1 - current)).sum()) <= max_moves))
+def _keep_hint(task: LayerTask, data: LayerData, wall_s: float, status: str, bound: float | None = None) -> Result:
+    """No (better) CP-SAT solution in time: keep the warm start when it satisfies every constraint."""
+    stage = STAGES[task.stage]
+    hint = np.asarray(task.hint, dtype=np.int8)
+    hint_mx = int(gpu_maxes(data.ws, hint).sum())
+    ok = (np.all(hint.sum(axis=1) == task.counts) and np.all(hint.sum(axis=0) <= task.problem.slots_per_device)
+          and (task.max_load is None or hint_mx <= task.max_load)
+          and (not task.capped_moves or int((hint * (1 - task.current)).sum()) <= task.max_moves))
     if not ok:
-        why = "the migration cap is too small for these replica counts" if max_moves is not None else \
+        why = "the migration cap is too small for these replica counts" if task.max_moves is not None else \
             "no feasible placement"
-        raise PlacementError(f"layer {layer} ({stage}): CP-SAT found no solution within the time limit and the "
-                             f"warm start violates a constraint ({why}); raise --time-limit")
-    d_count = hint.shape[1]
-    if stage == "balance":
-        unit = scale * len(ws)
-        obj = hint_mx / unit
-        lb = sum(max(-(-int(w.sum()) // d_count), int(w.max(initial=0))) for w in ws) / unit
-    else:
-        unit = TRAFFIC_SCALE
-        obj = float((np.rint(traffic_cost * TRAFFIC_SCALE) * hint).sum()) / unit
-        lb = 0.0
+        raise PlacementError(f"layer {task.layer} ({task.stage}): CP-SAT found no solution within the time limit "
+                             f"and the warm start violates a constraint ({why}); raise --time-limit")
+    unit = stage.unit(data)
+    obj = stage.evaluate(data, hint) / unit
+    lb = stage.bound(data, hint.shape[1]) / unit
     bound = lb if bound is None else max(bound, lb)
-    return hint.copy(), LayerSolve(layer=layer, stage=stage, status=status, objective=obj, bound=min(bound, obj),
-                                   wall_s=wall_s), hint_mx
+    return hint.copy(), LayerSolve(layer=task.layer, stage=task.stage, status=status, objective=obj,
+                                   bound=min(bound, obj), wall_s=wall_s), hint_mx
 
 
 def traffic_cost_matrix(problem: PlacementProblem, layer: int, assign: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -307,11 +311,57 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How a solve spreads its time and cores: ``parallel`` layers at once, ``workers`` CP-SAT threads each;
+    coupled stages sweep the layers of ``parities`` (odd first) ``sweeps`` times; ``unit_s`` per time unit."""
+
+    parallel: int
+    workers: int
+    parities: tuple[int, ...]
+    sweeps: int
+    unit_s: float
+    num_solves: int
+
+    def waves(self, stage: Stage, num_layers: int) -> list[list[int]]:
+        """The layers solved together, wave after wave: all layers at once, or odd/even half-sweeps."""
+        if not stage.coupled:
+            return [list(range(num_layers))]
+        halves = [[l for l in range(num_layers) if l % 2 == parity] for parity in self.parities]
+        return [layers for _ in range(self.sweeps) for layers in halves if layers]
+
+
+def _plan(p: PlacementProblem, stages: tuple[Stage, ...], time_limit_s: float, workers: int, sweeps: int,
+          hierarchical: bool) -> _Plan:
+    parallel = max(1, min(workers // MIN_WORKERS_PER_SOLVE, p.num_layers))
+    # hierarchical: one half-sweep (odd layers, even layers fixed) per sweep; it already covers every pair
+    # (l, l+1) of consecutive layers, and the node models need the time (about 0.3 s each on 2 cores)
+    parities = (1,) if hierarchical and p.num_layers > 1 else (1, 0)
+    units = sum(s.time_units * (len(parities) * sweeps if s.coupled else 1) for s in stages)
+    n_coupled = sweeps * sum(1 for l in range(p.num_layers) if l % 2 in parities)
+    return _Plan(parallel=parallel, workers=max(MIN_WORKERS_PER_SOLVE, workers // parallel), parities=parities,
+                 sweeps=sweeps, unit_s=time_limit_s / units,
+                 num_solves=sum(n_coupled if s.coupled else p.num_layers for s in stages))
+
+
+def _check(problem: PlacementProblem, objective: str, time_limit_s: float, max_moves: int | None) -> tuple[Stage, ...]:
+    if objective not in OBJECTIVES:
+        raise PlacementError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    if time_limit_s <= 0:
+        raise PlacementError(f"time limit must be > 0 s, got {time_limit_s}")
+    if max_moves is not None and max_moves < 0:
+        raise PlacementError(f"max_moves must be >= 0, got {max_moves}")
+    stages = OBJECTIVES[objective]
+    if problem.affinity is None and any(s.coupled for s in stages):
+        raise PlacementError("the traffic and joint objectives need the inter-layer affinity (problem.affinity)")
+    return stages
+
+
 def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30.0, num_workers: int | None = None,
           current: Placement | None = None, max_moves: int | None = None, balance_tolerance: float = 0.0,
           sweeps: int = 1, seed: int = 0, deterministic: bool = False, hierarchical: bool | None = None,
           progress: Callable[[int, int], None] | None = None) -> tuple[Placement, SolveReport]:
-    """Solve ``objective`` (balance | traffic | joint) within about ``time_limit_s`` seconds of wall
+    """Solve ``objective`` (a key of :data:`OBJECTIVES`) within about ``time_limit_s`` seconds of wall
     time on ``num_workers`` threads (default: all cores). Returns the placement and a report.
 
     ``deterministic``: reproducible runs (CP-SAT deterministic time units instead of wall seconds,
@@ -320,101 +370,48 @@ def solve(problem: PlacementProblem, objective: str, *, time_limit_s: float = 30
     ``hierarchical``: solve each layer as a node model then one GPU model per node
     (:mod:`moesim.place.hier`); default (None): when the system has several nodes and a layer's flat
     model would exceed :data:`HIER_MIN_DECISIONS` experts x GPUs. Not used with a migration cap."""
-    if objective not in OBJECTIVES:
-        raise PlacementError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
-    if time_limit_s <= 0:
-        raise PlacementError(f"time limit must be > 0 s, got {time_limit_s}")
-    if max_moves is not None and max_moves < 0:
-        raise PlacementError(f"max_moves must be >= 0, got {max_moves}")
+    stages = _check(problem, objective, time_limit_s, max_moves)
     p = problem
     workers = num_workers or default_workers()
     t_start = time.perf_counter()
     report = SolveReport(objective=objective, time_limit_s=time_limit_s, num_workers=workers)
     counts = replica_counts(p.load, p.num_replicas, p.num_devices)
-    hint = greedy_assignment(p, counts)
+    assign = greedy_assignment(p, counts)  # the warm start, then each stage's result
     cur = None
     if current is not None:
         current.check_fits(p.num_layers, p.num_experts, p.num_devices)
-        from moesim.place.problem import placement_to_assignment
         cur = placement_to_assignment(current)
-    # CP-SAT needs >= 2 workers for its LNS portfolio; run the remaining cores' worth of layers in parallel
-    parallel = max(1, min(workers // 2, p.num_layers))
-    per_solve_workers = max(2, workers // parallel)
     if hierarchical is None:
         hierarchical = (p.num_devices > p.devices_per_node and p.num_experts * p.num_devices > HIER_MIN_DECISIONS)
-    stages = {"balance": ["balance"], "traffic": ["traffic"], "joint": ["balance", "traffic"]}[objective]
-    # time budget: balance gets 2 units (it is the stage that pays in simulated time), each traffic half-sweep 1
-    # hierarchical: one half-sweep (odd layers, even layers fixed) per sweep; it already covers every pair
-    # (l, l+1) of consecutive layers, and the node models need the time (about 0.3 s each on 2 cores)
-    parities = (1,) if hierarchical and p.num_layers > 1 else (1, 0)
-    units = sum(2 if s == "balance" else len(parities) * sweeps for s in stages)
-    safety = 0.9  # leave time for model building and bookkeeping
-    total = [0]
-    n_traffic = sweeps * sum(1 for l in range(p.num_layers) if l % 2 in parities)
-    n_total = sum(p.num_layers if s == "balance" else n_traffic for s in stages)
-
-    def run_wave(layers: list[int], stage: str, budget_s: float, fn) -> None:
-        waves = -(-len(layers) // parallel)
-        limit = budget_s * safety / max(waves, 1)
-        deadline = time.perf_counter() + budget_s * safety
-        with ThreadPoolExecutor(max_workers=parallel) as ex:
-            for layer, (a, rep, mx) in zip(layers, ex.map(lambda l: fn(l, limit, deadline), layers)):
-                fn.result(layer, a, rep, mx)
-                report.solves.append(rep)
-                total[0] += 1
-                if progress is not None:
-                    progress(total[0], n_total)
-
-    assign = hint.copy()
+    plan = _plan(p, stages, time_limit_s, workers, sweeps, hierarchical)
     max_load = np.zeros(p.num_layers, dtype=np.int64)
-    unit_s = time_limit_s / units
-    if "balance" in stages:
-        class Bal:
-            @staticmethod
-            def __call__(layer, limit, deadline):
-                return _solve_layer(p, layer, counts[layer], hint[layer], "balance", limit, per_solve_workers, seed,
-                                    current=None if cur is None else cur[layer], max_moves=max_moves,
-                                    deterministic=deterministic, deadline_at_s=deadline, hierarchical=hierarchical)
+    cap = None
+    for stage in stages:
+        def task(layer: int, limit_s: float, deadline_at_s: float, stage: Stage = stage) -> LayerTask:
+            return LayerTask(problem=p, layer=layer, counts=counts[layer], hint=assign[layer].copy(), stage=stage.name,
+                             time_limit_s=limit_s, num_workers=plan.workers, seed=seed,
+                             traffic_cost=traffic_cost_matrix(p, layer, assign, counts) if stage.coupled else None,
+                             max_load=None if cap is None else cap[layer],
+                             current=None if cur is None else cur[layer], max_moves=max_moves,
+                             deterministic=deterministic, deadline_at_s=deadline_at_s, hierarchical=hierarchical)
 
-            @staticmethod
-            def result(layer, a, rep, mx):
+        for layers in plan.waves(stage, p.num_layers):
+            for layer, (a, rep, mx) in _run_wave(layers, stage.time_units * plan.unit_s, plan.parallel, task):
                 assign[layer] = a
                 max_load[layer] = mx
-        run_wave(list(range(p.num_layers)), "balance", 2 * unit_s, Bal())
-    if "traffic" in stages:
-        if p.affinity is None:
-            raise PlacementError("the traffic and joint objectives need the inter-layer affinity (problem.affinity)")
-        cap = None
-        if objective == "joint":
+                report.solves.append(rep)
+                if progress is not None:
+                    progress(len(report.solves), plan.num_solves)
+        if stage.caps_later:
             cap = np.floor(max_load * (1.0 + balance_tolerance)).astype(np.int64)
-
-        class Tra:
-            @staticmethod
-            def __call__(layer, limit, deadline):
-                tc = traffic_cost_matrix(p, layer, assign, counts)
-                return _solve_layer(p, layer, counts[layer], assign[layer], "traffic", limit, per_solve_workers,
-                                    seed, traffic_cost=tc, max_load=None if cap is None else cap[layer],
-                                    current=None if cur is None else cur[layer], max_moves=max_moves,
-                                    deterministic=deterministic, deadline_at_s=deadline, hierarchical=hierarchical)
-
-            @staticmethod
-            def result(layer, a, rep, mx):
-                assign[layer] = a
-
-        for _ in range(sweeps):
-            for parity in parities:
-                layers = [l for l in range(p.num_layers) if l % 2 == parity]
-                if layers:
-                    run_wave(layers, "traffic", unit_s, Tra())
     report.wall_s = time.perf_counter() - t_start
     return assignment_to_placement(assign, p, objective), report
 
 
-def _cpsat_balance(problem: PlacementProblem, rng: np.random.Generator) -> Placement:
-    """The CP-SAT balance model as a plain placer (for studies): 10 s per problem, deterministic."""
-    placement, _ = solve(problem, "balance", time_limit_s=10.0, seed=int(rng.integers(2**31 - 1)), deterministic=True)
-    return placement
-
-
-# optimising placers with the baselines' signature ``(problem, rng) -> Placement``
-PLACERS: dict[str, Callable[[PlacementProblem, np.random.Generator], Placement]] = {"cpsat-balance": _cpsat_balance}
+def _run_wave(layers: list[int], budget_s: float, parallel: int, task: Callable[[int, float, float], LayerTask]):
+    """Solve ``layers`` ``parallel`` at a time within ``budget_s``; yields (layer, result) in layer order."""
+    waves = -(-len(layers) // parallel)
+    limit_s = budget_s * BUILD_RESERVE / max(waves, 1)
+    deadline_at_s = time.perf_counter() + budget_s * BUILD_RESERVE
+    with ThreadPoolExecutor(max_workers=parallel) as ex:
+        yield from zip(layers, ex.map(lambda l: _solve_layer(task(l, limit_s, deadline_at_s)), layers))

@@ -28,10 +28,18 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from moesim.place.local import improve_layer
+from moesim.place.objectives import average_cut, gpu_maxes, node_traffic
 
 _OK = (cp_model.OPTIMAL, cp_model.FEASIBLE)
-NODE_SHARE = 0.7  # share of a layer's time limit for the node model (the per-node GPU models are small)
-NODE_SHARE_TRAFFIC = 0.85  # traffic: within a node only NVLink crossings (cost 1 vs 9) are left to optimise
+_STATUS = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible", cp_model.INFEASIBLE: "infeasible"}
+# (the node model's share of a layer's limit is a column of moesim.place.objectives.STAGES)
+GPU_SHARE_DETERMINISTIC = 1 - 0.7  # deterministic runs: the per-node GPU models share 30% of the layer limit
+MIN_LIMIT_S = 0.01  # CP-SAT limit floor: below it a model is not worth building
+MIN_GPU_MODEL_S = 0.02  # wall-time runs: below this per-node limit the LPT + swap packing is used instead
+SUB_SWAP_S = 0.02  # wall-time budget of the swap search on a node's LPT packing
+SUB_SWAP_CAP = 200  # swaps of that search (a node holds ~36 copies: a few swaps each)
+PRESOLVE_ITERATIONS = 1  # a light presolve: the full one takes ~0.17 s of a ~0.3 s budget on the node model
+PROBING_LEVEL = 0  # no probing, for the same reason
 
 
 def bin_model(ws: list[np.ndarray], copies: np.ndarray, num_bins: int, bin_slots: int, per_bin_max: int,
@@ -56,23 +64,7 @@ def bin_model(ws: list[np.ndarray], copies: np.ndarray, num_bins: int, bin_slots
     cols = [[y[e][b] for e in range(e_count)] for b in range(num_bins)]
     for b in range(num_bins):
         m.Add(lin.sum(cols[b]) <= bin_slots)
-    mxs = []
-    for s_i, w in enumerate(ws):
-        nz = np.flatnonzero(w)
-        coeffs = [int(c) for c in w[nz]]
-        total = int((w * copies).sum())
-        if cost is None:
-            mx = m.NewIntVar(0, total, "")
-            m.Add(mx >= -(-total // num_bins))
-            if hint is not None:
-                m.AddHint(mx, int((w[:, None] * np.minimum(hint, ub[:, None])).sum(axis=0).max()))
-            mxs.append(mx)
-        elif load_caps is None or load_caps[s_i] is None:
-            continue
-        else:
-            mx = int(load_caps[s_i])
-        for b in range(num_bins):
-            m.Add(lin.weighted_sum([cols[b][e] for e in nz], coeffs) <= mx)
+    mxs = _bin_loads(m, cols, ws, copies, ub, num_bins, hint, cost, load_caps)
     if cost is None:
         m.Minimize(lin.sum(mxs))
     else:
@@ -82,24 +74,52 @@ def bin_model(ws: list[np.ndarray], copies: np.ndarray, num_bins: int, bin_slots
         for e in range(e_count):
             for b in range(num_bins):
                 m.AddHint(y[e][b], int(min(hint[e, b], ub[e])))
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = max(1, int(num_workers))
-    solver.parameters.random_seed = int(seed)
-    # a light presolve: the full one takes ~0.17 s of a ~0.3 s budget on the 2,048-variable node model
-    solver.parameters.max_presolve_iterations = 1
-    solver.parameters.cp_model_probing_level = 0
-    if deterministic:
-        solver.parameters.max_deterministic_time = max(0.01, float(time_limit_s))
-        solver.parameters.interleave_search = True
-    else:
-        solver.parameters.max_time_in_seconds = max(0.01, float(time_limit_s))
+    solver = _solver(time_limit_s, num_workers, seed, deterministic)
     status = solver.Solve(m)
-    name = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible",
-            cp_model.INFEASIBLE: "infeasible"}.get(status, "unknown")
+    name = _STATUS.get(status, "unknown")
     if status not in _OK:
         return None, name, float("inf"), solver.BestObjectiveBound() if status != cp_model.INFEASIBLE else 0.0
     out = np.array([[solver.Value(y[e][b]) for b in range(num_bins)] for e in range(e_count)], dtype=np.int64)
     return out, name, solver.ObjectiveValue(), solver.BestObjectiveBound()
+
+
+def _bin_loads(m: cp_model.CpModel, cols: list[list], ws: list[np.ndarray], copies: np.ndarray, ub: np.ndarray,
+               num_bins: int, hint: np.ndarray | None, cost: np.ndarray | None,
+               load_caps: list[int] | None) -> list:
+    """Per-scenario bin-load constraints of :func:`bin_model`; returns the max-load variables (balance only)."""
+    lin = cp_model.LinearExpr
+    mxs = []
+    for s_i, w in enumerate(ws):
+        nz = np.flatnonzero(w)
+        coeffs = [int(c) for c in w[nz]]
+        total = int((w * copies).sum())
+        if cost is None:
+            mx = m.NewIntVar(0, total, "")
+            m.Add(mx >= average_cut(total, num_bins))
+            if hint is not None:
+                m.AddHint(mx, int((w[:, None] * np.minimum(hint, ub[:, None])).sum(axis=0).max()))
+            mxs.append(mx)
+        elif load_caps is None or load_caps[s_i] is None:
+            continue
+        else:
+            mx = int(load_caps[s_i])
+        for b in range(num_bins):
+            m.Add(lin.weighted_sum([cols[b][e] for e in nz], coeffs) <= mx)
+    return mxs
+
+
+def _solver(time_limit_s: float, num_workers: int, seed: int, deterministic: bool) -> cp_model.CpSolver:
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = max(1, int(num_workers))
+    solver.parameters.random_seed = int(seed)
+    solver.parameters.max_presolve_iterations = PRESOLVE_ITERATIONS
+    solver.parameters.cp_model_probing_level = PROBING_LEVEL
+    if deterministic:
+        solver.parameters.max_deterministic_time = max(MIN_LIMIT_S, float(time_limit_s))
+        solver.parameters.interleave_search = True
+    else:
+        solver.parameters.max_time_in_seconds = max(MIN_LIMIT_S, float(time_limit_s))
+    return solver
 
 
 def _lpt(wsum: np.ndarray, copies: np.ndarray, num_bins: int, slots: int) -> np.ndarray | None:
@@ -119,20 +139,16 @@ def _lpt(wsum: np.ndarray, copies: np.ndarray, num_bins: int, slots: int) -> np.
     return out
 
 
-def gpu_maxes(ws: list[np.ndarray], assign: np.ndarray) -> np.ndarray:
-    """[S] largest GPU load per scenario (integer units) of assign [E, D]."""
-    return np.array([int((w[:, None] * assign).sum(axis=0).max()) for w in ws], dtype=np.int64)
-
-
 def solve_layer(ws: list[np.ndarray], counts: np.ndarray, hint: np.ndarray, devices_per_node: int,
-                slots_per_device: int, *, stage: str, time_limit_s: float, num_workers: int, seed: int,
+                slots_per_device: int, *, node_share: float, time_limit_s: float, num_workers: int, seed: int,
                 deterministic: bool, traffic_cost: np.ndarray | None = None,
                 gpu_caps: np.ndarray | None = None) -> tuple[np.ndarray, str, float, float]:
     """One layer, node model then per-node GPU models.
 
     ws: per-scenario integer per-copy loads, each [E]; counts [E] copies; hint [E, D] 0/1 (feasible);
-    traffic_cost [E, D] integer (traffic stage); gpu_caps [S] per-scenario max GPU load allowed
-    (joint) or None. Returns (assign [E, D] int8, status, node objective, node bound); the caller
+    traffic_cost [E, D] integer (traffic stages; None: minimise the largest load); gpu_caps [S]
+    per-scenario max GPU load allowed (joint) or None; node_share: share of ``time_limit_s`` for the
+    node model. Returns (assign [E, D] int8, status, node objective, node bound); the caller
     compares the assignment with the hint on the full objective and keeps the better one.
     Node-model objective/bound are in integer units (balance: sum over scenarios of max node load)."""
     t_end = time.perf_counter() + time_limit_s
@@ -142,35 +158,29 @@ def solve_layer(ws: list[np.ndarray], counts: np.ndarray, hint: np.ndarray, devi
     node_slots = devices_per_node * slots_per_device
     node_cost = None
     node_caps = None
-    if stage != "balance":
-        node_cost = np.rint(traffic_cost.reshape(e_count, n_count, devices_per_node).mean(axis=2)).astype(np.int64)
+    if traffic_cost is not None:
+        node_cost = node_traffic(traffic_cost, devices_per_node)
         if gpu_caps is not None:  # node loads may not exceed the hint's largest node load (per scenario)
             node_caps = [int((w[:, None] * node_hint).sum(axis=0).max()) for w in ws]
     kw = dict(num_workers=num_workers, seed=seed, deterministic=deterministic)
-    node_limit_s = (NODE_SHARE if stage == "balance" else NODE_SHARE_TRAFFIC) * time_limit_s
     y, status, obj, bound = bin_model(ws, counts, n_count, node_slots, devices_per_node, node_hint, cost=node_cost,
-                                      load_caps=node_caps, time_limit_s=node_limit_s, **kw)
+                                      load_caps=node_caps, time_limit_s=node_share * time_limit_s, **kw)
     if y is None:
         return hint.copy(), status, obj, bound
     out = np.zeros_like(hint, dtype=np.int8)
     wsum = np.sum(ws, axis=0)
+    caps = None if gpu_caps is None else [int(c) for c in gpu_caps]
     for n in range(n_count):
         sl = slice(n * devices_per_node, (n + 1) * devices_per_node)
         ex = np.flatnonzero(y[:, n])
         sub_ws = [w[ex] for w in ws]
-        if np.array_equal(y[:, n], node_hint[:, n]):
-            sub_hint = hint[ex, sl]
-        else:
-            sub_hint = _lpt(wsum[ex], y[ex, n], devices_per_node, slots_per_device)
-            if sub_hint is not None:
-                sub_hint = improve_layer(sub_hint, np.stack(sub_ws).astype(float), slots_per_device,
-                                         np.inf if deterministic else 0.02, max_swaps=200)
+        sub_hint = hint[ex, sl] if np.array_equal(y[:, n], node_hint[:, n]) else \
+            _packed_hint(sub_ws, wsum[ex], y[ex, n], devices_per_node, slots_per_device, deterministic)
         left = t_end - time.perf_counter()
-        limit = ((1 - NODE_SHARE) * time_limit_s if deterministic else max(0.01, left)) / (n_count - n)
+        limit = (GPU_SHARE_DETERMINISTIC * time_limit_s if deterministic else max(MIN_LIMIT_S, left)) / (n_count - n)
         sub_cost = None if node_cost is None else traffic_cost[ex, sl]
-        caps = None if gpu_caps is None else [int(c) for c in gpu_caps]
         a = None
-        if limit >= 0.02 or deterministic:  # else: the LPT + swap packing below
+        if limit >= MIN_GPU_MODEL_S or deterministic:  # else: the LPT + swap packing below
             a, _, _, _ = bin_model(sub_ws, y[ex, n], devices_per_node, slots_per_device, 1, sub_hint, cost=sub_cost,
                                    load_caps=caps, time_limit_s=limit, **kw)
         if a is None:
@@ -180,3 +190,13 @@ def solve_layer(ws: list[np.ndarray], counts: np.ndarray, hint: np.ndarray, devi
             a = sub_hint
         out[ex, sl] = a
     return out, status, obj, bound
+
+
+def _packed_hint(sub_ws: list[np.ndarray], wsum: np.ndarray, copies: np.ndarray, devices_per_node: int,
+                 slots_per_device: int, deterministic: bool) -> np.ndarray | None:
+    """Warm start of a node whose contents changed: LPT packing sharpened by the swap search (None: no packing)."""
+    sub_hint = _lpt(wsum, copies, devices_per_node, slots_per_device)
+    if sub_hint is not None:
+        sub_hint = improve_layer(sub_hint, np.stack(sub_ws).astype(float), slots_per_device,
+                                 np.inf if deterministic else SUB_SWAP_S, max_swaps=SUB_SWAP_CAP)
+    return sub_hint

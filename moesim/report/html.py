@@ -1,9 +1,13 @@
 """One self-contained interactive HTML file from a list of Plotly figures (works offline:
-plotly.js is embedded once)."""
+plotly.js is embedded once).
+
+Headings and the title are escaped here; a section given as HTML text must be built from escaped
+parts (``table_html`` escapes every cell and key; ``esc`` is ``html.escape``)."""
 
 from __future__ import annotations
 
 import html as _html
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +23,9 @@ def write_report(path: str | Path, title: str, sections: Sequence[tuple[str, go.
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_html.escape(title)}</title>",
              "<style>body{font-family:system-ui,sans-serif;margin:24px;max-width:1400px}"
              "h2{margin-top:36px;border-bottom:1px solid #ddd}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>",
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             ".tbl{overflow-x:auto;max-width:100%}dl.defs dt{font-weight:bold}dl.defs dd{margin:0 0 6px 16px}"
+             "</style></head><body>",
              f"<h1>{_html.escape(title)}</h1>", intro]
     first = True
     n = 0
@@ -38,8 +44,24 @@ def write_report(path: str | Path, title: str, sections: Sequence[tuple[str, go.
     return path
 
 
-def table_html(rows: Sequence[dict], floatfmt: str = "{:.4g}") -> str:
-    """A small HTML table from a list of dicts (same keys)."""
+esc = _html.escape
+
+
+def format_number(v: float) -> str:
+    """A table cell for a float: 4 significant digits, never exponent notation for ordinary sizes
+    (77,900 not 7.79e+04)."""
+    if not math.isfinite(v):
+        return str(v)
+    if v == 0 or abs(v) >= 1e4 or float(v).is_integer():
+        return f"{v:,.0f}"
+    if abs(v) >= 1e-3:
+        return f"{v:.4g}"
+    return f"{v:.3g}"
+
+
+def table_html(rows: Sequence[dict], floatfmt: str | None = None) -> str:
+    """A small HTML table from a list of dicts (same keys); every key and cell is escaped; floats via
+    ``floatfmt`` or :func:`format_number`. Wide tables scroll inside their box, not off the page."""
     if not rows:
         return "<p>(empty)</p>"
     keys = list(rows[0])
@@ -49,6 +71,16 @@ def table_html(rows: Sequence[dict], floatfmt: str = "{:.4g}") -> str:
         cells = []
         for k in keys:
             v = r[k]
-            cells.append(f"<td>{floatfmt.format(v) if isinstance(v, float) else _html.escape(str(v))}</td>")
+            if isinstance(v, float):
+                text = floatfmt.format(v) if floatfmt else format_number(v)
+            else:
+                text = str(v)
+            cells.append(f"<td>{_html.escape(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    return f"<div class='tbl'><table><tr>{head}</tr>{''.join(body)}</table></div>"
+
+
+def definitions_html(defs: dict[str, str]) -> str:
+    """A definition list (term: meaning), escaped: every column a table shows is defined."""
+    items = "".join(f"<dt>{_html.escape(k)}</dt><dd>{_html.escape(v)}</dd>" for k, v in defs.items())
+    return f"<dl class='defs'>{items}</dl>"

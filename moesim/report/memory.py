@@ -4,19 +4,21 @@ through :func:`moesim.report.html.write_report`."""
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 
+from moebase.units import GB
 from moesim.memory.sweep import pareto_front
 from moesim.report.html import table_html, write_report
 
 
-def pareto_figure(rows: Sequence[dict], color_by: str = "policy") -> go.Figure:
-    """Scatter of cost_usd vs tokens_per_s for sweep rows, one trace per ``color_by`` value, with the
-    Pareto front (over all rows) as a line; hover shows the tier capacities and bandwidths."""
+def pareto_figure(rows: Sequence[dict], color_by: str = "cache_policy") -> go.Figure:
+    """Scatter of cost_usd vs tokens_per_s for rows of a memory study, one trace per ``color_by`` value,
+    with the Pareto front (over all rows) as a line; hover shows the tier capacities and bandwidths."""
     cost = np.array([r["cost_usd"] for r in rows], dtype=float)
     tps = np.array([r["tokens_per_s"] for r in rows], dtype=float)
     front = pareto_front(cost, tps)
@@ -26,8 +28,8 @@ def pareto_figure(rows: Sequence[dict], color_by: str = "policy") -> go.Figure:
         groups.setdefault(str(r.get(color_by, "")), []).append(i)
 
     def hover(r: dict) -> str:
-        parts = [f"{k}: {r[k] / 1e9:.3g} GB" for k in sorted(r) if k.endswith("_capacity_bytes")]
-        parts += [f"{k}: {r[k] / 1e9:.3g} GB/s" for k in sorted(r) if k.endswith("_bandwidth_bytes_per_s")]
+        parts = [f"{k}: {r[k] / GB:.3g} GB" for k in sorted(r) if k.endswith("_capacity_bytes_used")]
+        parts += [f"{k}: {r[k] / GB:.3g} GB/s" for k in sorted(r) if k.endswith("_bandwidth_bytes_per_s_used")]
         parts += [f"hit rate: {r.get('hit_rate', float('nan')):.3f}", f"stall: {r.get('stall_s', float('nan')):.3g} s"]
         return "<br>".join(parts)
 
@@ -53,16 +55,38 @@ def policy_figure(results: Sequence[dict]) -> go.Figure:
     return fig
 
 
+SWEEP_COLUMNS = ("cache_policy", "hbm_capacity_bytes_used", "hbm_bandwidth_bytes_per_s_used", "backing_tier",
+                 "backing_bandwidth_bytes_per_s_used", "sram_capacity_bytes_used", "cache_experts", "hit_rate",
+                 "stall_s", "tokens_per_s", "cost_usd")
+
+
+def _sweep_row(r: dict) -> dict:
+    """The table columns of one memory-study row (the backing tier's bandwidth under one name)."""
+    r = {**r, "backing_bandwidth_bytes_per_s_used": r.get(f"{r.get('backing_tier')}_bandwidth_bytes_per_s_used", "")}
+    return {c: r.get(c, "") for c in SWEEP_COLUMNS}
+
+
+def write_memory_study_report(study, out: str | Path | None = None) -> Path:
+    """The report of an ``engine = "memory"`` study (``moesim study report``): its ok rows as a sweep."""
+    import pandas as pd
+
+    df = pd.read_parquet(study.results_path)
+    if "status" in df.columns:
+        df = df[df["status"] == "ok"]
+    if df.empty:
+        raise ValueError(f"{study.results_path} has no rows")
+    return write_memory_report(Path(out) if out else study.path / "report.html", f"Study {study.name}",
+                               sweep_rows=df.to_dict("records"), intro=f"<p>{html.escape(study.description)}</p>")
+
+
 def write_memory_report(path: str | Path, title: str, sweep_rows: Sequence[dict] | None = None,
                         cache_rows: Sequence[dict] | None = None, coe_rows: Sequence[dict] | None = None,
                         intro: str = "") -> Path:
     sections: list = []
     if sweep_rows:
         sections.append(("Cost vs tokens/s (Pareto front)", pareto_figure(sweep_rows)))
-        cols = ["policy", "hbm_capacity_bytes", "hbm_bandwidth_bytes_per_s", "ddr_bandwidth_bytes_per_s",
-                "sram_capacity_bytes", "cache_experts", "hit_rate", "stall_s", "tokens_per_s", "cost_usd"]
         front = pareto_front([r["cost_usd"] for r in sweep_rows], [r["tokens_per_s"] for r in sweep_rows])
-        table = [{c: r.get(c, "") for c in cols} | {"pareto": bool(f)} for r, f in zip(sweep_rows, front)]
+        table = [_sweep_row(r) | {"pareto": bool(f)} for r, f in zip(sweep_rows, front)]
         sections.append(("Sweep points", table_html(table)))
     if cache_rows:
         sections.append(("Cache policies", policy_figure(cache_rows)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from moebase.units import MB, US
+
 COLUMNS = [("placement", "method", "{}"), ("replicas", "replicas", "{:d}"),
            ("max_mean_load", "max/mean load", "{:.3f}"), ("worst_max_mean_load", "worst layer", "{:.3f}"),
            ("cross_gpu_bytes", "cross-GPU MB", "{:.2f}"), ("cross_node_bytes", "cross-node MB", "{:.2f}"),
@@ -12,7 +14,7 @@ COLUMNS = [("placement", "method", "{}"), ("replicas", "replicas", "{:d}"),
            ("affinity_cross_node_tokens", "ExFlow cross-node tok", "{:.0f}"),
            ("layer_time_s", "MoE layer us", "{:.3f}"), ("vs_contiguous", "vs contiguous", "{:+.2%}"),
            ("solve_s", "solve s", "{:.2f}"), ("gap", "gap", "{}")]
-_SCALE = {"cross_gpu_bytes": 1e-6, "cross_node_bytes": 1e-6, "layer_time_s": 1e6}
+_SCALE = {"cross_gpu_bytes": 1 / MB, "cross_node_bytes": 1 / MB, "layer_time_s": 1 / US}  # to display units
 
 
 def display_rows(rows: Sequence[dict]) -> list[dict]:
@@ -56,7 +58,7 @@ def write_placement_report(path: str | Path, rows: Sequence[dict], context: dict
 
     disp = display_rows(rows)
     fig = go.Figure()
-    fig.add_bar(x=[r["placement"] for r in rows], y=[r["layer_time_s"] * 1e6 for r in rows], name="MoE layer time")
+    fig.add_bar(x=[r["placement"] for r in rows], y=[r["layer_time_s"] * _SCALE["layer_time_s"] for r in rows], name="MoE layer time")
     fig.update_layout(yaxis_title="simulated MoE-layer time (us, mean over layers)", height=380)
     fig2 = go.Figure()
     fig2.add_bar(x=[r["placement"] for r in rows], y=[r["max_mean_load"] for r in rows])

@@ -52,7 +52,8 @@ def pareto_mask(cost: np.ndarray, throughput: np.ndarray) -> np.ndarray:
 
 
 def _label(row, varied) -> str:
-    return ", ".join(f"{k}={row[k]}" for k in varied) or row["config_id"]
+    """A configuration's label for hovers and the dropdown, escaped (Plotly renders HTML-like tags)."""
+    return _html.escape(", ".join(f"{k}={row[k]}" for k in varied) or str(row["config_id"]))
 
 
 def pareto_figure(df: pd.DataFrame, varied) -> go.Figure:
@@ -79,9 +80,10 @@ def parcoords_figure(df: pd.DataFrame, varied) -> go.Figure:
         if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
             cats = sorted(col.astype(str).unique())
             codes = col.astype(str).map({c: i for i, c in enumerate(cats)})
-            dims.append(dict(label=key, values=codes, tickvals=list(range(len(cats))), ticktext=cats))
+            dims.append(dict(label=_html.escape(key), values=codes, tickvals=list(range(len(cats))),
+                             ticktext=[_html.escape(c) for c in cats]))
         else:
-            dims.append(dict(label=key, values=col.astype(float)))
+            dims.append(dict(label=_html.escape(key), values=col.astype(float)))
     fig = go.Figure(go.Parcoords(line=dict(color=df["throughput_tokens_per_s"], colorscale="Viridis", showscale=True),
                                  dimensions=dims))
     fig.update_layout(height=480)
@@ -149,7 +151,12 @@ def write_study_report(study, out: str | Path | None = None, *, drill: int = 24,
     """Write the report of ``study`` (a :class:`moesim.study.spec.Study` with results) to ``out``."""
     if not study.results_path.exists():
         raise FileNotFoundError(f"{study.results_path} does not exist; run 'moesim study run {study.path}' first")
+    if study.engine == "memory":  # expert-offloading studies: cost vs tokens/s of one device (moesim.report.memory)
+        from moesim.report.memory import write_memory_study_report
+        return write_memory_study_report(study, out)
     df = pd.read_parquet(study.results_path)
+    if "status" in df.columns:  # configurations that failed (moesim.study.runner) have no outputs
+        df = df[df["status"] == "ok"].reset_index(drop=True)
     if df.empty:
         raise ValueError(f"{study.results_path} has no rows")
     varied = [k for k in study.varied if k in df.columns]
@@ -161,7 +168,8 @@ def write_study_report(study, out: str | Path | None = None, *, drill: int = 24,
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_html.escape(study.name)}</title>", ERROR_HOOK,
              "<style>body{font-family:system-ui,sans-serif;margin:24px;max-width:1400px}"
              "h2{margin-top:36px;border-bottom:1px solid #ddd}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>",
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.tbl{overflow-x:auto;max-width:100%}"
+             "</style></head><body>",
              f"<h1>Study {_html.escape(study.name)}</h1><p>{_html.escape(study.description)}</p>",
              f"<p>{len(df)} configurations, engine <b>{_html.escape(study.engine)}</b>, seed {study.seed}; varied: "
              f"{_html.escape(', '.join(varied))}.</p>",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
+from moebase.units import MS, US, to_us
 from moesim.report.html import table_html, write_report
 
 
@@ -16,10 +17,10 @@ def predicted_vs_measured(pred: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for op, g in pred.groupby("op"):
         for col, sym in (("table_s", "circle"), ("roofline_s", "x")):
-            fig.add_trace(go.Scatter(x=g["measured_s"] * 1e6, y=g[col] * 1e6, mode="markers", marker_symbol=sym,
+            fig.add_trace(go.Scatter(x=to_us(g["measured_s"]), y=to_us(g[col]), mode="markers", marker_symbol=sym,
                                      name=f"{op} ({col[:-2]})", text=g["shape"],
                                      hovertemplate="%{text}<br>measured %{x:.1f} us<br>predicted %{y:.1f} us"))
-    lo, hi = float(pred["measured_s"].min() * 1e6 * 0.7), float(pred["measured_s"].max() * 1e6 * 1.4)
+    lo, hi = float(to_us(pred["measured_s"].min()) * 0.7), float(to_us(pred["measured_s"].max()) * 1.4)
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line=dict(dash="dash", color="gray")))
     fig.update_layout(xaxis=dict(type="log", title="measured time (us)"),
                       yaxis=dict(type="log", title="predicted time (us)"), height=600)
@@ -28,8 +29,8 @@ def predicted_vs_measured(pred: pd.DataFrame) -> go.Figure:
 
 def e2e_figure(e2e: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
-    fig.add_trace(go.Bar(x=e2e["layer"], y=e2e["measured_s"] * 1e3, name="measured (torch, CPU)"))
-    fig.add_trace(go.Bar(x=e2e["layer"], y=e2e["predicted_s"] * 1e3, name="simulated (calibrated)"))
+    fig.add_trace(go.Bar(x=e2e["layer"], y=e2e["measured_s"] / MS, name="measured (torch, CPU)"))
+    fig.add_trace(go.Bar(x=e2e["layer"], y=e2e["predicted_s"] / MS, name="simulated (calibrated)"))
     fig.update_layout(barmode="group", xaxis_title="MoE layer", yaxis_title="time per forward (ms)", height=450)
     return fig
 
@@ -52,3 +53,65 @@ def write_validation_report(path: str | Path, profile, pred: pd.DataFrame | None
     if published is not None:
         sections.append(("Published kernel figures (spec roofline)", table_html(published.to_dict("records"))))
     return write_report(path, "moesim calibration validation", sections, intro=intro)
+
+
+# ----------------------------------------------------------------------------- GPU fidelity (shared public data)
+
+
+def _scatter_measured_predicted(groups, x_title: str, y_title: str, log: bool = True) -> go.Figure:
+    """``groups``: (name, measured [N], predicted [N], hover text [N]) -> scatter with the y = x line."""
+    fig = go.Figure()
+    lo, hi = float("inf"), 0.0
+    for name, meas, pred, text in groups:
+        fig.add_trace(go.Scatter(x=list(meas), y=list(pred), mode="markers", name=str(name), text=list(text),
+                                 marker=dict(size=4),
+                                 hovertemplate="%{text}<br>measured %{x:.4g}<br>predicted %{y:.4g}"))
+        lo, hi = min(lo, float(min(meas)), float(min(pred))), max(hi, float(max(meas)), float(max(pred)))
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line=dict(dash="dash", color="gray")))
+    axis = dict(type="log") if log else {}
+    fig.update_layout(xaxis=dict(title=x_title, **axis), yaxis=dict(title=y_title, **axis), height=550)
+    return fig
+
+
+def gpu_fidelity_sections(res: dict) -> list:
+    """Report sections of :func:`hwmodels.gpu_fit.gpu_fidelity` results: tables and predicted-vs-measured plots."""
+    lomo_rows = res["lomo_rows"]
+    secs = [("GEMM model: leave-one-model-out on Vidur (fit on two models, predict the third)",
+             table_html(res["lomo"].round(3).to_dict("records")))]
+    for gpu, g in lomo_rows.groupby("gpu"):
+        groups = [(f"{gpu} held-out {model}", sub["time_s"] / US, sub["predicted_s"] / US,
+                   sub["op"] + " m=" + sub["m"].astype(int).astype(str) + " n=" + sub["n"].astype(int).astype(str)
+                   + " k=" + sub["k"].astype(int).astype(str)) for model, sub in g.groupby("model")]
+        secs.append((f"Predicted vs measured GEMM time (us), {gpu}, held-out models",
+                     _scatter_measured_predicted(groups, "measured (us)", "predicted (us)")))
+    dg = res["deepgemm"]
+    secs.append(("DeepGEMM FP8 grouped GEMMs on H800 (not fitted: H100 fp16 efficiencies, fp8 peak)",
+                 table_html(dg.round(2).to_dict("records"))))
+    secs.append(("DeepGEMM: published vs predicted TFLOPS", _scatter_measured_predicted(
+        [(layout, g["published_tflops"], g["predicted_tflops"],
+          g["groups"].astype(str) + "x" + g["m_per_group"].astype(str) + " n=" + g["n"].astype(str) + " k="
+          + g["k"].astype(str)) for layout, g in dg.groupby("layout")],
+        "published (TFLOPS)", "predicted (TFLOPS)", log=False)))
+    llm = res["llmcompass"]
+    secs.append(("LLMCompass A100 matmul sweep (held out; A100 fit from Vidur on each A100 spec)",
+                 table_html(llm.round(4).to_dict("records"))))
+    secs.append(("LLMCompass: predicted vs measured (us)", _scatter_measured_predicted(
+        [(spec, g["time_s"] / US, g["predicted_s"] / US,
+          "m=" + g["m"].astype(int).astype(str) + " n=" + g["n"].astype(int).astype(str) + " k="
+          + g["k"].astype(int).astype(str)) for spec, g in llm.groupby("spec")], "measured (us)", "predicted (us)")))
+    secs.append(("NCCL collectives (Vidur): fitted and held-out errors",
+                 table_html(res["collectives"].round(2).to_dict("records"))))
+    de = res["deepep"]
+    secs.append(("DeepEP on H800 (not fitted)", table_html(de.round(2).to_dict("records"))))
+    secs.append(("DeepEP: published vs predicted", _scatter_measured_predicted(
+        [(unit, g["published"], g["predicted"], g["check"]) for unit, g in de.groupby("unit")],
+        "published (GB/s or us)", "predicted", log=True)))
+    return secs
+
+
+
+def write_gpu_fidelity_report(path: str | Path, res: dict) -> Path:
+    """One HTML file with every GPU-fidelity table and plot."""
+    intro = ("<p>GPU cost models fitted to public measurements (Vidur, MIT; LLMCompass, BSD-3; DeepGEMM and DeepEP "
+             "published tables) and checked on data they were not fitted on. See docs/validation.md.</p>")
+    return write_report(path, "moesim GPU fidelity", gpu_fidelity_sections(res), intro=intro)

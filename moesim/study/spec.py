@@ -5,7 +5,7 @@ Format::
     [study]
     name = "placement_vs_scale"          # optional, default: the folder name
     description = "..."                  # optional
-    engine = "analytic"                  # "analytic" (default) or "des"
+    engine = "analytic"                  # "analytic" (default), "des", "memory" (MEMORY_PARAMETERS) or "train" (TRAIN_PARAMETERS)
     seed = 0                             # one seed for every configuration (results do not depend on the executor)
 
     [base]                               # values shared by every configuration (override PARAMETERS defaults)
@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moebase.units import DEFAULT_DTYPE
+
 #: every parameter a configuration has, with its default and type
 PARAMETERS: dict[str, Any] = {
     "system": "dgx-h100",          # system spec name or .toml path
@@ -41,21 +43,58 @@ PARAMETERS: dict[str, Any] = {
     "traffic": "flame",            # see moesim.study.traffic.TRAFFIC
     "tokens": 2048,                # tokens per step of the traffic
     "steps": 1,                    # steps of the traffic
-    "placement": "contiguous",     # see moesim.study.evaluate.placement_methods()
+    "placement": "contiguous",     # a name of moesim.place.METHODS (or ALIASES)
     "replicas": 0,                 # redundant expert slots in total (placement methods that replicate)
     "replica_routing": "local-first",
     "micro_batches": 1,
     "overlap_micro_batches": True,
-    "dtype": "bf16",
+    "dtype": DEFAULT_DTYPE,
     "cost": "roofline",
     "hbm_capacity_bytes": 0.0,     # 0 = the device spec's HBM (main memory) capacity
     "sram_capacity_bytes": 0.0,    # 0 = the device spec's SRAM tier (0 if none)
     "cache_policy": "lru",         # expert-cache policy of HBM (and SRAM): a key of moesim.memory.cache.CACHE_POLICIES
     "memory_steps": 3,             # steps of traffic replayed through the expert cache (step 0 warms it up)
 }
+#: parameters of an ``engine = "memory"`` study: expert offloading on one device that holds every
+#: expert, replayed on a routing trace (moesim.memory.evaluator.evaluate; no placement, no network)
+MEMORY_PARAMETERS: dict[str, Any] = {
+    "system": "sn40l-node",
+    "model": "olmoe-1b-7b",        # catalog model for expert shapes (as many experts per layer as the trace)
+    "trace": "default",            # routing trace: a name or path of workloads.importers.load_trace
+    "tokens": 256,                 # first tokens of the trace replayed
+    "batch_tokens": 1,             # tokens per batch (a batch fetches each of its experts once)
+    "dtype": DEFAULT_DTYPE,
+    "cache_policy": "lru",         # a key of moesim.memory.cache.CACHE_POLICIES
+    "prefetch_lookahead": 1,       # layers ahead a prefetching policy predicts
+    "prefetch_accuracy": 1.0,      # pregate: probability that each expert is predicted right
+    "hbm_capacity_bytes": 0.0,     # 0 = the spec's cache tier (main memory)
+    "hbm_bandwidth_bytes_per_s": 0.0,
+    "sram_capacity_bytes": 0.0,    # 0 = the spec's SRAM (stream) tier, if any
+    "backing_bandwidth_bytes_per_s": 0.0,  # 0 = the spec's backing tier (DDR on SN40L, host memory on a GPU)
+    "overlap_transfers": True,     # fetches overlap with compute
+}
+#: parameters of an ``engine = "train"`` study: one training step of a whole model (moesim.train.sweep)
+TRAIN_PARAMETERS: dict[str, Any] = {
+    "system": "hgx-h800",
+    "nodes": 256,
+    "model": "deepseek-v3",        # shipped config name or config.json path (workloads.hf_config)
+    "layers": 0,                   # 0 = every block of the model, else the first K
+    "tp": 1, "pp": 16, "ep": 64, "zero": 1, "virtual_stages": 1,
+    "schedule": "dualpipe", "recompute": "selective", "dtype": "fp8",
+    "seq_len": 4096, "micro_batch_size": 1, "global_batch_size": 15360,
+    "routing": "balanced",         # balanced | table:<SGLang table>[:options] | a trace spec
+    "routing_samples": 4,
+    "expert_mode": "ep",           # ep | fssdp
+    "cost": "default",             # default (the device's) | roofline | gpu-fitted
+    "comm_sms": 0,                 # SMs the overlapped all-to-all holds (0: none)
+}
+NONNEGATIVE_INT_KEYS = {"replicas", "layers", "comm_sms", "zero"}
 STUDY_KEYS = {"name", "description", "engine", "seed"}
 TOP_KEYS = {"study", "base", "grid", "configs"}
-ENGINE_NAMES = ("analytic", "des")
+#: the parameters of a configuration, by the study's engine
+ENGINE_PARAMETERS: dict[str, dict[str, Any]] = {"analytic": PARAMETERS, "des": PARAMETERS, "memory": MEMORY_PARAMETERS,
+                                                 "train": TRAIN_PARAMETERS}
+ENGINE_NAMES = tuple(ENGINE_PARAMETERS)
 
 
 @dataclass(frozen=True)
@@ -81,14 +120,14 @@ def config_id(config: dict, engine: str, seed: int) -> str:
     return hashlib.sha1(doc.encode()).hexdigest()[:16]
 
 
-def _check_value(where: str, key: str, value: Any) -> Any:
-    if key not in PARAMETERS:
-        raise ValueError(f"{where}: unknown key {key!r} (known parameters: {', '.join(sorted(PARAMETERS))})")
-    default = PARAMETERS[key]
+def _check_value(where: str, key: str, value: Any, params: dict[str, Any] = PARAMETERS) -> Any:
+    if key not in params:
+        raise ValueError(f"{where}: unknown key {key!r} (known parameters: {', '.join(sorted(params))})")
+    default = params[key]
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if key == "replicas" else 1)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if key in NONNEGATIVE_INT_KEYS else 1)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
         value = float(value) if ok else value
@@ -129,9 +168,10 @@ def load_study(path: str | Path) -> Study:
     seed = head.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"{file}: key 'study.seed' must be a non-negative integer, got {seed!r}")
-    base = dict(PARAMETERS)
+    params = ENGINE_PARAMETERS[engine]
+    base = dict(params)
     for key, value in raw.get("base", {}).items():
-        base[key] = _check_value(f"{file}: [base]", key, value)
+        base[key] = _check_value(f"{file}: [base]", key, value, params)
     points: list[dict] = []
     grid = raw.get("grid")
     if grid is not None:
@@ -143,14 +183,14 @@ def load_study(path: str | Path) -> Study:
                 values = [values]
             if not values:
                 raise ValueError(f"{file}: key 'grid.{key}' is an empty list, so the grid has no configurations")
-            axes.append([(key, _check_value(f"{file}: [grid]", key, v)) for v in values])
+            axes.append([(key, _check_value(f"{file}: [grid]", key, v, params)) for v in values])
         points += [dict(combo) for combo in itertools.product(*axes)]
     entries = raw.get("configs")
     if entries is not None:
         if not isinstance(entries, list) or not entries:
             raise ValueError(f"{file}: key 'configs' is empty (write [[configs]] tables)")
         for i, entry in enumerate(entries):
-            points.append({k: _check_value(f"{file}: configs[{i}]", k, v) for k, v in entry.items()})
+            points.append({k: _check_value(f"{file}: configs[{i}]", k, v, params) for k, v in entry.items()})
     if not points:
         raise ValueError(f"{file}: the study has no configurations: add a [grid] or [[configs]]")
     configs = []
@@ -161,6 +201,6 @@ def load_study(path: str | Path) -> Study:
         if cid not in seen:  # duplicates (e.g. a list entry equal to a grid point) run once
             seen.add(cid)
             configs.append(c)
-    varied = tuple(k for k in PARAMETERS if len({json.dumps(c[k]) for c in configs}) > 1)
+    varied = tuple(k for k in params if len({json.dumps(c[k]) for c in configs}) > 1)
     return Study(path=folder, name=head.get("name", folder.name), description=head.get("description", ""),
                  engine=engine, seed=seed, configs=tuple(configs), varied=varied)

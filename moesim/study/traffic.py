@@ -1,4 +1,5 @@
-"""Traffic for studies: routing traces built from the real FLAME-MoE-290M trace.
+"""Traffic for studies: routing traces built from the real FLAME-MoE-290M trace, or from an expert-load
+table (``table:<table>``, e.g. the DeepSeek-V3 serving loads; see :func:`load_table_traffic`).
 
 ``TRAFFIC`` names a function ``(model, tokens, steps, seed) -> Trace``:
 
@@ -104,6 +105,39 @@ def flame_remapped(model: MoEModel, tokens: int, steps: int, seed: int) -> Trace
     return from_dense(out, wout, meta, step=step, token=tok)
 
 
+TABLE_PREFIX = "table:"  # traffic = "table:<load table>": see load_table_traffic
+
+
+def load_table_traffic(spec: str, model: MoEModel, tokens: int, steps: int, seed: int) -> Trace:
+    """``table:<load table>``: an expert-load table (``workloads.load_table``; a path, or a name under
+    shared/data/traces such as ``deepseek-v3-expert-loads/prefill_in4096``) expanded to ``tokens`` tokens x
+    ``steps`` steps with ``seed``: every step's per-layer expert loads equal the table (apportioned to
+    ``tokens``), layers independent. The table must have the model's experts, top-k and MoE layers."""
+    from workloads.importers import load_table_spec
+    from workloads.load_table import expand, read_load_table
+
+    name = spec[len(TABLE_PREFIX):]
+    path, opts = load_table_spec(name)
+    if path is None or opts:
+        raise ValueError(f"traffic {spec!r}: {name!r} is not an expert-load table (a path, or a name under "
+                         f"shared/data/traces such as 'deepseek-v3-expert-loads/prefill_in4096'; no ':' options)")
+    table = read_load_table(path, top_k=model.num_experts_per_tok)
+    if (table.num_experts, table.moe_layers) != (model.num_experts, tuple(model.moe_layers)):
+        raise ValueError(f"traffic {spec!r}: the table has {table.num_experts} experts in layers "
+                         f"{table.moe_layers[0]}..{table.moe_layers[-1]}, model {model.name!r} {model.num_experts} "
+                         f"experts in layers {model.moe_layers[0]}..{model.moe_layers[-1]}")
+    return expand(table, tokens, steps=steps, seed=seed)
+
+
+def drill_tokens(name: str, device_tokens: np.ndarray, devices_per_node: int) -> np.ndarray:
+    """The study's drill-down of choices computed [layers, devices]; for load-table traffic summed per node
+    [layers, nodes]: with one expert per GPU the per-device counts would be the (unlicensed) table itself."""
+    if not name.startswith(TABLE_PREFIX):
+        return device_tokens
+    layers, devices = device_tokens.shape
+    return device_tokens.reshape(layers, devices // devices_per_node, devices_per_node).sum(axis=2)
+
+
 TRAFFIC: dict[str, Callable[[MoEModel, int, int, int], Trace]] = {
     "flame": flame,
     "flame-remapped": flame_remapped,
@@ -111,6 +145,9 @@ TRAFFIC: dict[str, Callable[[MoEModel, int, int, int], Trace]] = {
 
 
 def make_traffic(name: str, model: MoEModel, tokens: int, steps: int, seed: int) -> Trace:
+    if name.startswith(TABLE_PREFIX):
+        return load_table_traffic(name, model, tokens, steps, seed)
     if name not in TRAFFIC:
-        raise ValueError(f"unknown traffic {name!r}; known: {', '.join(sorted(TRAFFIC))}")
+        raise ValueError(f"unknown traffic {name!r}; known: {', '.join(sorted(TRAFFIC))}, or "
+                         f"'{TABLE_PREFIX}<expert-load table>'")
     return TRAFFIC[name](model, tokens, steps, seed)

@@ -1,136 +1,281 @@
-"""SN40L Composition-of-Experts study: reproduce the paper's comparison from spec numbers.
+"""SN40L Composition-of-Experts study on the serving engine (moesim/serve/coe.py).
 
-Question: from the shipped hardware specs alone, how much faster is model switching on one SN40L node
-than on a DGX H100 / DGX A100, how much faster is serving (batch 8, 20 output tokens), and how many
-machines hold 850 Llama-2-7B experts? Paper: Prabhakar et al., arXiv:2405.07518 (MICRO 2024).
+Question: from the shipped hardware specs alone, how much faster does one SN40L node switch between
+Llama-2-7B experts than a DGX H100 / DGX A100, how much faster does it serve a batch, and how many
+machines hold 850 experts? Paper: Prabhakar et al., arXiv:2405.07518 (MICRO 2024).
 
-Run from the repository root:  .venv/bin/python -m studies.sn40l_coe.run  [--prompt-tokens 128] [--json out.json]
+Run from the repository root:
 
-Nothing here is fitted to the paper's figures: every number comes from hwmodels/specs/*.toml or from
-the PARAMETERS below (each with its reason); the paper's figures are only printed beside the results.
+    .venv/bin/python -m studies.sn40l_coe.run [--prompt-tokens 128] [--seed 0] [--json out.json]
+
+Nothing is fitted to the paper: hardware numbers come from hwmodels/specs/*.toml (each with its source),
+the expert from its Hugging Face config (llama-2-7b.json), the workload from SETUP below; parameters
+without a source are swept (SWEEPS) and the README shows the range of answers they allow. The old
+spec-number model (studies/sn40l_coe/spec_model.py) is printed beside the new engine's numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
-import math
 import sys
+from pathlib import Path
 
-from hwmodels.specs import load_system
-from moesim.memory.coe import Deployment, ExpertModel
+import numpy as np
 
-PAPER = {  # Prabhakar et al. 2024, abstract and Sec. 6/7
-    "switch_speedup_vs_dgx_h100": 15.0,
-    "switch_speedup_vs_dgx_a100": 31.0,
-    "overall_speedup_vs_dgx_h100": 3.7,
-    "overall_speedup_vs_dgx_a100": 6.6,
-    "footprint_reduction_850_experts": 19.0,
+from hwmodels.specs import System, load_system
+from moebase.units import GB
+from moesim.serve.coe import CoENode, CoEOptions, coe_node, nodes_to_hold, route_experts, serve_coe, serve_coe_replicas
+from moesim.serve.requests import Requests
+from studies.sn40l_coe import spec_model
+from workloads.hf_config import load_config
+
+PAPER = spec_model.PAPER
+CONFIG_PATH = Path(__file__).parent / "llama-2-7b.json"
+US = 1e-6  # seconds per microsecond (sweep labels)
+
+SETUP = {
+    "batch": 8,  # paper's CoE comparison setting (as read by the earlier study)
+    "output_tokens": 20,  # paper's CoE comparison setting (as read by the earlier study)
+    "prompt_tokens": 128,  # NOT given in the paper: swept below
+    "sn40l_tp": 8,  # one expert runs tensor-parallel on the node's 8 sockets (paper: one node serves the CoE)
+    "dgx_tp": 1,  # a 7B expert fits one 80 GB GPU; NOT given in the paper: swept below
+    "experts_footprint": 850,  # paper: 850 Llama-2-7B-sized experts on one SN40L node
+    "experts_coe": 150,  # paper: Samba-CoE, 150 experts
+    # Poisson stream (a serving scenario beyond the paper's figures; none of its numbers is compared)
+    "stream_rate_per_s": 4.0,
+    "stream_requests": 2000,
+    "stream_zipf_s": 1.0,
 }
 
-PARAMETERS = {
-    # Samba-CoE runs each expert tensor-parallel over the node's 8 sockets (paper: one node serves the CoE).
-    "sn40l_tp": 8,
-    # A 7B expert fits one 80 GB GPU, so a DGX serves each expert on one GPU and copies it over that GPU's
-    # PCIe link from host DDR (the paper's GPU baselines copy weights host -> HBM). tp = 8 is printed too.
-    "dgx_tp": 1,
-    "batch": 8,  # paper's setting
-    "output_tokens": 20,  # paper's setting
-    "prompt_tokens": 128,  # NOT given in the paper: an assumption; --prompt-tokens changes it
-    "num_experts_footprint": 850,  # paper: 850 experts on one SN40L node
+#: parameters without a published source and the values swept (others at their spec/SETUP value)
+SWEEPS = {
+    "sn40l_peer_latency_s": [0.0, 0.5 * US, 1 * US, 2 * US, 3 * US, 5 * US],
+    "sn40l_peer_bandwidth_bytes_per_s": [50 * GB, 100 * GB, 200 * GB, 400 * GB],
+    "sn40l_launch_latency_s": [0.0, 1 * US, 2 * US, 5 * US],
+    "prompt_tokens": [32, 128, 512],
+    "dgx_tp": [1, 8],
 }
+RATIOS = ("switch_vs_h100", "switch_vs_a100", "overall_vs_h100", "overall_vs_a100", "footprint")
+PAPER_OF = dict(zip(RATIOS, PAPER.values()))
 
 
-def _ratio_line(label: str, paper: float, sim: float) -> dict:
-    return {"metric": label, "paper": paper, "simulated": sim, "simulated/paper": sim / paper,
-            "within_20pct": abs(sim / paper - 1.0) <= 0.2}
+def expert_config():
+    return dataclasses.replace(load_config(CONFIG_PATH), name="llama-2-7b")
 
 
-def run(prompt_tokens: int | None = None) -> dict:
-    p = dict(PARAMETERS)
+def sn40l_system(peer_latency_s: float | None = None, peer_bandwidth_bytes_per_s: float | None = None,
+                 launch_latency_s: float | None = None) -> System:
+    """The sn40l-node spec with the unsourced peer-link and launch parameters replaced where given."""
+    s = load_system("sn40l-node")
+    up = s.scale_up
+    up = dataclasses.replace(up, latency_s=up.latency_s if peer_latency_s is None else peer_latency_s,
+                             bandwidth_bytes_per_s=up.bandwidth_bytes_per_s if peer_bandwidth_bytes_per_s is None
+                             else peer_bandwidth_bytes_per_s)
+    dev = s.device if launch_latency_s is None else dataclasses.replace(s.device, launch_latency_s=launch_latency_s)
+    return dataclasses.replace(s, scale_up=up, device=dev)
+
+
+def _node(system: System, tp: int, p: dict) -> CoENode:
+    return coe_node(expert_config(), system, tp=tp, kv_reserve_tokens=p["batch"] * (p["prompt_tokens"] + p["output_tokens"]))
+
+
+def cold_batch(node: CoENode, p: dict) -> dict:
+    """One batch of ``batch`` requests for a model not in HBM, all arriving at 0: switch, then serve."""
+    b = p["batch"]
+    req = Requests(np.zeros(b), np.full(b, p["prompt_tokens"]), np.full(b, p["output_tokens"]))
+    res = serve_coe(req, np.zeros(b, dtype=np.int64), node, CoEOptions(max_batch=b, overlap=True, preload=False))
+    first = float(np.max(res.first_token_at_s))
+    return {"deployment": node.name, "slots": node.slots, "switch_s": res.switch_wait_s,
+            "switch_closed_form_s": node.switch_closed_form_s(), "prefill_s": first - res.switch_wait_s,
+            "decode_s": res.makespan_s - first, "total_s": res.makespan_s,
+            "hbm_experts_per_node": node.slots * node.replicas_per_node, "store_experts_per_node": node.store_slots}
+
+
+def ratios(p: dict, sn40l: System | None = None, dgx_cache: dict | None = None) -> dict:
+    """The five ratios and each deployment's cold-batch terms for setup ``p`` (``dgx_cache``: DGX rows by
+    (system, tp, prompt) so a sweep of SN40L parameters builds the DGX deployments once)."""
+    sn_row = cold_batch(_node(sn40l or sn40l_system(), p["sn40l_tp"], p), p)
+    dgx = {}
+    for name in ("dgx-h100", "dgx-a100"):
+        key = (name, p["dgx_tp"], p["prompt_tokens"])
+        row = None if dgx_cache is None else dgx_cache.get(key)
+        if row is None:
+            row = cold_batch(_node(load_system(name), p["dgx_tp"], p), p)
+            if dgx_cache is not None:
+                dgx_cache[key] = row
+        dgx[name] = row
+    h, a = dgx["dgx-h100"], dgx["dgx-a100"]
+    n = p["experts_footprint"]
+    sn_nodes = nodes_to_hold(n, sn_row["store_experts_per_node"])  # every expert in the node's DDR
+    dgx_nodes = nodes_to_hold(n, h["hbm_experts_per_node"])  # every expert resident in HBM (no switching)
+    out = {"switch_vs_h100": h["switch_s"] / sn_row["switch_s"], "switch_vs_a100": a["switch_s"] / sn_row["switch_s"],
+           "overall_vs_h100": h["total_s"] / sn_row["total_s"], "overall_vs_a100": a["total_s"] / sn_row["total_s"],
+           "footprint": dgx_nodes / sn_nodes}
+    return {"ratios": out, "terms": [sn_row, h, a], "footprint_nodes": {"sn40l": sn_nodes, "dgx_h100": dgx_nodes}}
+
+
+def old_engine(prompt_tokens: int) -> dict:
+    """The five ratios of the spec-number model (studies/sn40l_coe/spec_model.py), in RATIOS order."""
+    comps = spec_model.run(prompt_tokens)["comparisons"]
+    return dict(zip(RATIOS, (c["simulated"] for c in comps)))
+
+
+def sweeps(p: dict) -> dict:
+    """One-at-a-time sweeps of the unsourced parameters, and the min/max of every ratio over their full grid."""
+    cache: dict = {}
+    one = {}
+    for key, values in SWEEPS.items():
+        rows = []
+        for v in values:
+            q, sys_kw = dict(p), {}
+            if key.startswith("sn40l_"):
+                sys_kw[key.removeprefix("sn40l_")] = v
+            else:
+                q[key] = v
+            r = ratios(q, sn40l_system(**sys_kw), cache)["ratios"]
+            rows.append({"value": v, **r})
+        one[key] = rows
+    grid = []
+    for lat, bw, launch, pt, tp in itertools.product(*SWEEPS.values()):
+        q = dict(p, prompt_tokens=pt, dgx_tp=tp)
+        grid.append((tp, ratios(q, sn40l_system(lat, bw, launch), cache)["ratios"]))
+
+    def span(rows):
+        return {k: (min(g[k] for g in rows), max(g[k] for g in rows)) for k in RATIOS}
+
+    by_tp = {tp: span([g for t, g in grid if t == tp]) for tp in SWEEPS["dgx_tp"]}
+    return {"one_at_a_time": one, "grid_points": len(grid), "grid_range": span([g for _, g in grid]),
+            "grid_range_by_dgx_tp": by_tp, "latency_within_20pct": latency_band(p, cache)}
+
+
+#: peer-link latencies [s] scanned for the band where both overall ratios land within +-20 % of the paper
+LATENCY_SCAN_S = [i * 0.1 * US for i in range(51)]
+
+
+def latency_band(p: dict, cache: dict) -> dict:
+    """The peer-link latencies (0-5 us, 0.1 us steps; other parameters at spec) whose overall ratios lie
+    within +-20 % of the paper's, per ratio: (lowest, highest) or None."""
+    rows = [(lat, ratios(p, sn40l_system(peer_latency_s=lat), cache)["ratios"]) for lat in LATENCY_SCAN_S]
+    out = {}
+    for k in ("overall_vs_h100", "overall_vs_a100"):
+        ok = [lat for lat, r in rows if abs(r[k] / PAPER_OF[k] - 1.0) <= 0.2]
+        out[k] = (min(ok), max(ok)) if ok else None
+    return out
+
+
+def stream(p: dict, seed: int) -> dict:
+    """A Poisson stream routed over the composition's experts: the SN40L node against a DGX whose GPUs each
+    serve the experts ``e mod 8`` (own PCIe link; the node's host memory holds the models)."""
+    nodes = {"sn40l-node": _node(sn40l_system(), p["sn40l_tp"], p),
+             **{k: _node(load_system(k), 1, p) for k in ("dgx-h100", "dgx-a100")}}
+    experts = min([p["experts_coe"]] + [nd.store_slots for nd in nodes.values()])
+    rng = np.random.default_rng(seed)
+    n = p["stream_requests"]
+    arrivals = np.cumsum(rng.exponential(1.0 / p["stream_rate_per_s"], size=n))
+    req = Requests(arrivals, np.full(n, p["prompt_tokens"]), np.full(n, p["output_tokens"]), source="poisson")
+    ex = route_experts(n, experts, rng, zipf_s=p["stream_zipf_s"])
+    out = {"experts": experts, "requests": n, "rate_per_s": p["stream_rate_per_s"], "rows": []}
+    for name, nd in nodes.items():
+        for overlap in (False, True):
+            opts = CoEOptions(max_batch=p["batch"], overlap=overlap)
+            parts = serve_coe_replicas(req, ex, nd, nd.replicas_per_node, opts)
+            out["rows"].append({"deployment": name, "overlap": overlap, **_merge(parts)})
+    return out
+
+
+def _merge(parts: list) -> dict:
+    lat = np.concatenate([r.finished_at_s - r.requests.arrival_s for r in parts])
+    ttft = np.concatenate([r.first_token_at_s - r.requests.arrival_s for r in parts])
+    return {"served": int(sum(np.isfinite(r.finished_at_s).sum() for r in parts)),
+            "switches": sum(r.switches for r in parts), "switch_wait_s": sum(r.switch_wait_s for r in parts),
+            "mean_latency_s": float(lat.mean()), "p99_latency_s": float(np.percentile(lat, 99)),
+            "mean_ttft_s": float(ttft.mean()), "makespan_s": max(r.makespan_s for r in parts)}
+
+
+def run(prompt_tokens: int | None = None, seed: int = 0, with_sweeps: bool = True) -> dict:
+    p = dict(SETUP)
     if prompt_tokens is not None:
         p["prompt_tokens"] = prompt_tokens
-    model = ExpertModel.llama2_7b()
-    sn = Deployment.from_system(load_system("sn40l-node"), tp=p["sn40l_tp"])
-    dgx = {name: Deployment.from_system(load_system(name), tp=p["dgx_tp"]) for name in ("dgx-h100", "dgx-a100")}
-    dgx8 = {name: Deployment.from_system(load_system(name), tp=8) for name in ("dgx-h100", "dgx-a100")}
-    b, pt, ot = p["batch"], p["prompt_tokens"], p["output_tokens"]
+    main = ratios(p)
+    old = old_engine(p["prompt_tokens"])
+    comparisons = [{"metric": k, "paper": PAPER_OF[k], "old_engine": old[k], "serving_engine": main["ratios"][k],
+                    "serving/paper": main["ratios"][k] / PAPER_OF[k],
+                    "within_20pct": abs(main["ratios"][k] / PAPER_OF[k] - 1.0) <= 0.2} for k in RATIOS]
+    res = {"setup": p, "seed": seed, "comparisons": comparisons, "terms": main["terms"],
+           "footprint_nodes": main["footprint_nodes"], "stream": stream(p, seed)}
+    if with_sweeps:
+        res["sweeps"] = sweeps(p)
+    return res
 
-    def terms(dep: Deployment) -> dict:
-        sw = dep.switch_s(model)
-        pre = dep.prefill_s(model, b * pt)
-        dec = ot * dep.decode_step_s(model, b)
-        ar = dep.allreduce_s(model, b * pt) + ot * dep.allreduce_s(model, b)
-        return {"deployment": dep.name, "switch_s": sw, "prefill_s": pre, "decode_s": dec,
-                "of_which_allreduce_s": ar, "total_s": sw + pre + dec}
 
-    rows = [terms(sn)] + [terms(d) for d in dgx.values()] + [terms(d) for d in dgx8.values()]
-    t_sn = rows[0]
-    t_h, t_a = rows[1], rows[2]
-
-    # footprint: nodes to hold N experts. SN40L: all in DDR of one node's sockets (tp-sharded);
-    # DGX: all in HBM (no switching), whole models per GPU (tp=1) or 8-way shards per node (tp=8).
-    n = p["num_experts_footprint"]
-    sn_nodes = math.ceil(n / (sn.store_capacity_models(model)))
-    h100 = load_system("dgx-h100")
-    per_gpu = int(h100.device.main_memory.capacity_bytes // model.weight_bytes)
-    dgx_nodes_tp1 = math.ceil(n / (per_gpu * h100.devices_per_node))
-    per_node_tp8 = Deployment.from_system(h100, tp=8).slots(model)
-    dgx_nodes_tp8 = math.ceil(n / per_node_tp8)
-
-    comparisons = [
-        _ratio_line("switch speedup vs DGX H100", PAPER["switch_speedup_vs_dgx_h100"], t_h["switch_s"] / t_sn["switch_s"]),
-        _ratio_line("switch speedup vs DGX A100", PAPER["switch_speedup_vs_dgx_a100"], t_a["switch_s"] / t_sn["switch_s"]),
-        _ratio_line("overall speedup vs DGX H100", PAPER["overall_speedup_vs_dgx_h100"], t_h["total_s"] / t_sn["total_s"]),
-        _ratio_line("overall speedup vs DGX A100", PAPER["overall_speedup_vs_dgx_a100"], t_a["total_s"] / t_sn["total_s"]),
-        _ratio_line("footprint reduction, 850 experts (DGX H100 tp1 nodes / SN40L nodes)",
-                    PAPER["footprint_reduction_850_experts"], dgx_nodes_tp1 / sn_nodes),
-    ]
-    sensitivity = [
-        {"variant": "DGX tp=8 (each GPU copies 1/8 over its own PCIe link)",
-         "switch_vs_h100": rows[3]["switch_s"] / t_sn["switch_s"], "switch_vs_a100": rows[4]["switch_s"] / t_sn["switch_s"],
-         "overall_vs_h100": rows[3]["total_s"] / t_sn["total_s"], "overall_vs_a100": rows[4]["total_s"] / t_sn["total_s"],
-         "footprint": dgx_nodes_tp8 / sn_nodes},
-        {"variant": "SN40L without tensor-parallel all-reduces",
-         "switch_vs_h100": t_h["switch_s"] / t_sn["switch_s"], "switch_vs_a100": t_a["switch_s"] / t_sn["switch_s"],
-         "overall_vs_h100": t_h["total_s"] / (t_sn["total_s"] - t_sn["of_which_allreduce_s"]),
-         "overall_vs_a100": t_a["total_s"] / (t_sn["total_s"] - t_sn["of_which_allreduce_s"]),
-         "footprint": dgx_nodes_tp1 / sn_nodes},
-    ]
-    return {"parameters": p, "terms": rows, "comparisons": comparisons, "sensitivity": sensitivity,
-            "footprint_nodes": {"sn40l_node": sn_nodes, "dgx_h100_tp1": dgx_nodes_tp1, "dgx_h100_tp8": dgx_nodes_tp8,
-                                "model_bytes": model.weight_bytes, "experts": n}}
+def _fmt_value(key: str, v) -> str:
+    if key.endswith("_latency_s"):
+        return f"{v / US:g} us"
+    if key.endswith("_bytes_per_s"):
+        return f"{v / GB:g} GB/s"
+    return str(v)
 
 
 def _print(res: dict) -> None:
-    p = res["parameters"]
-    print(f"SN40L CoE study: Llama-2-7B experts (bf16), batch {p['batch']}, {p['output_tokens']} output tokens, "
-          f"{p['prompt_tokens']} prompt tokens (assumed)")
-    print("\nPer-batch time terms [ms]:")
-    print(f"  {'deployment':18s} {'switch':>9s} {'prefill':>9s} {'decode':>9s} {'allreduce':>10s} {'total':>9s}")
+    p = res["setup"]
+    print(f"SN40L CoE on the serving engine: Llama-2-7B experts (bf16), batch {p['batch']}, {p['prompt_tokens']} "
+          f"prompt tokens (assumed), {p['output_tokens']} output tokens; SN40L tp{p['sn40l_tp']}, DGX tp{p['dgx_tp']}")
+    print("\nCold batch (model not in HBM, all requests at t = 0) [ms]:")
+    print(f"  {'deployment':16s} {'switch':>8s} {'(closed)':>9s} {'prefill':>8s} {'decode':>8s} {'total':>8s} "
+          f"{'HBM slots':>9s}")
     for r in res["terms"]:
-        print(f"  {r['deployment']:18s} {r['switch_s'] * 1e3:9.2f} {r['prefill_s'] * 1e3:9.2f} {r['decode_s'] * 1e3:9.2f} "
-              f"{r['of_which_allreduce_s'] * 1e3:10.2f} {r['total_s'] * 1e3:9.2f}")
-    print("\nPaper vs simulated:")
-    print(f"  {'metric':70s} {'paper':>7s} {'sim':>7s} {'sim/paper':>9s}")
+        print(f"  {r['deployment']:16s} {r['switch_s'] * 1e3:8.2f} {r['switch_closed_form_s'] * 1e3:9.2f} "
+              f"{r['prefill_s'] * 1e3:8.2f} {r['decode_s'] * 1e3:8.2f} {r['total_s'] * 1e3:8.2f} {r['slots']:9d}")
+    print("\nPaper vs old engine (spec_model.py) vs serving engine:")
+    print(f"  {'ratio':16s} {'paper':>6s} {'old':>6s} {'new':>6s} {'new/paper':>9s}")
     for c in res["comparisons"]:
         flag = "" if c["within_20pct"] else "   <- outside +-20%"
-        print(f"  {c['metric']:70s} {c['paper']:7.1f} {c['simulated']:7.2f} {c['simulated/paper']:9.2f}{flag}")
+        print(f"  {c['metric']:16s} {c['paper']:6.1f} {c['old_engine']:6.2f} {c['serving_engine']:6.2f} "
+              f"{c['serving/paper']:9.2f}{flag}")
     f = res["footprint_nodes"]
-    print(f"\nFootprint for {f['experts']} experts of {f['model_bytes'] / 1e9:.2f} GB: SN40L nodes {f['sn40l_node']}, "
-          f"DGX H100 nodes {f['dgx_h100_tp1']} (whole models per GPU) / {f['dgx_h100_tp8']} (8-way shards)")
-    print("\nSensitivity (speedups):")
-    for s in res["sensitivity"]:
-        print(f"  {s['variant']:56s} switch {s['switch_vs_h100']:.1f}x / {s['switch_vs_a100']:.1f}x, overall "
-              f"{s['overall_vs_h100']:.2f}x / {s['overall_vs_a100']:.2f}x (H100 / A100), footprint {s['footprint']:.0f}x")
+    print(f"  footprint: {p['experts_footprint']} experts need {f['dgx_h100']} DGX H100 nodes (all in HBM) vs "
+          f"{f['sn40l']} SN40L node(s) (all in DDR)")
+    sw = res.get("sweeps")
+    if sw:
+        print("\nUnsourced parameters, one at a time (others at spec / SETUP):")
+        for key, rows in sw["one_at_a_time"].items():
+            for r in rows:
+                vals = " ".join(f"{r[k]:6.2f}" for k in RATIOS)
+                print(f"  {key:34s} {_fmt_value(key, r['value']):>10s}  {vals}")
+        lo_hi = " ".join(f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in sw["grid_range"].items())
+        print(f"  full grid ({sw['grid_points']} points): {lo_hi}")
+        for tp, rng in sw["grid_range_by_dgx_tp"].items():
+            print(f"  grid with DGX tp{tp}: " + " ".join(f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in rng.items()))
+        for k, band in sw["latency_within_20pct"].items():
+            text = "none" if band is None else f"{band[0] / US:.1f}-{band[1] / US:.1f} us"
+            print(f"  peer-link latency keeping {k} within +-20% of the paper (0-5 us scanned): {text}")
+    st = res["stream"]
+    print(f"\nPoisson stream: {st['requests']} requests at {st['rate_per_s']:g}/s over {st['experts']} experts "
+          f"(Zipf routing), seed {res['seed']}:")
+    for r in st["rows"]:
+        print(f"  {r['deployment']:11s} overlap={str(r['overlap']):5s} switches {r['switches']:5d}  wait "
+              f"{r['switch_wait_s']:7.2f} s  mean latency {r['mean_latency_s'] * 1e3:8.1f} ms  p99 "
+              f"{r['p99_latency_s'] * 1e3:8.1f} ms  TTFT {r['mean_ttft_s'] * 1e3:8.1f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt-tokens", type=int, default=None, help="prompt length per request (paper does not give it)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the Poisson stream")
+    ap.add_argument("--no-sweeps", action="store_true", help="skip the parameter sweeps")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
-    res = run(args.prompt_tokens)
+    if args.prompt_tokens is not None and args.prompt_tokens < 1:
+        print(f"error: --prompt-tokens must be >= 1, got {args.prompt_tokens}", file=sys.stderr)
+        return 2
+    try:
+        res = run(args.prompt_tokens, args.seed, not args.no_sweeps)
+    except ValueError as exc:  # ServeError and spec errors: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     _print(res)
     if args.json:
         with open(args.json, "w") as fh:

@@ -1,0 +1,458 @@
+"""The time of one serving iteration and the memory of one replica: the one adapter onto :mod:`moesim.train`.
+
+Everything this package needs from the training engine goes through this module (so a change there is
+one edit here): the forward operators of a transformer block (``moesim.train.layers.block_ops``), the MoE
+part (``moesim.train.moe.moe_times``: router, dispatch all-to-all beside the shared experts, grouped
+experts, combine, on balanced routing), the embedding and LM head, parameter counts
+(``moesim.train.memory``) and the cost model's kernel timing (``moesim.train.ops.kernel_cost``).
+
+Layout (:class:`ServeLayout`): ``dp`` data-parallel attention ranks of ``tp`` tensor-parallel devices
+each (``tp * dp`` devices); experts spread over ``ep`` devices of the tp x dp plane (``ep`` divides
+``tp * dp``, expert tensor parallel 1, as in training). Each rank has its own requests and KV blocks
+(the engine's ranks); they iterate in lock step (the MoE all-to-alls join them), so an iteration takes
+the slowest rank's time (:meth:`IterationCost.ranks_iteration_s`). :meth:`IterationCost.iteration_s`
+instead splits one batch evenly over the ranks (a pooled model, for callers without ranks).
+
+One iteration of ``T`` new tokens (prefill chunks and decodes together) per rank costs
+
+    linear(T) + head(S) + layers x attention(F, B)
+
+- ``linear(T)``: every forward operator of every block except the attention core (projections, norms,
+  dense FFN or the MoE part, tensor-parallel collectives) plus the embedding, for ``T`` tokens;
+- ``head(S)``: final norm and LM head for the ``S`` sequences that sample a token this iteration;
+- ``attention``: one paged-attention kernel per layer over the batch's (query, key) pairs: a request
+  adding ``n`` tokens after ``c`` cached ones has ``n c + n^2 / 2`` causal pairs (the training core's
+  ``s^2 / 2`` when ``c = 0``) and reads ``c + n`` tokens of KV; FLOPs ``2 heads (d_qk + d_v)`` per pair,
+  bytes: the KV read plus Q and O of the new tokens and the fp32 log-sum-exp, timed by the cost model's
+  ``kernel`` (else the spec roofline).
+
+``linear`` is exact up to ``exact_up_to`` tokens and at the points of a geometric grid (ratio
+``grid_ratio``) above; between grid points it is interpolated linearly once the interval's quarter points and
+midpoint are within ``interp_tol`` (0.5 %) of the exact value, else the interval is halved around the token count
+asked for (:meth:`IterationCost.linear_s`). benchmarks/bench_serve.py reports the error at random counts.
+
+KV cache per token and device: ``2 * kv_heads / tp * head_dim`` elements per layer (GQA/MHA; at least
+one head per device) or ``kv_lora_rank + qk_rope_head_dim`` (MLA latent, replicated over tp). Weights per
+device: the training engine's parameter count of one tp/ep shard, in the serving dtype. KV capacity: the
+device's HBM x ``memory_fraction`` (vLLM's ``gpu_memory_utilization`` default 0.9) minus weights and an
+activation reserve, over the KV bytes per token. Swapped-out KV (preemption ``swap``) goes to host
+memory over each device's host link (``swap_s``), before the iteration's compute.
+
+``ep_comm`` (:class:`moesim.serve.exflow.EPComm`): the dispatch and combine of every MoE layer are instead the
+all-to-alls of a routing trace on an expert placement, standard (two per layer) or ExFlow's context-coherent
+mode (one per layer, plus the top-k reduce and the KV all-gather; each device then holds the KV of every rank
+of its EP group, ``kv_replicas``). Expert compute stays the training engine's (balanced or trace routing).
+
+``two_batch_overlap``: the rank's batch is split into two micro-batches whose attention/expert compute
+and dispatch/combine all-to-alls alternate on two streams (:func:`two_batch_makespan`); each phase is timed
+at half the tokens (exact, memoized per token count: no interpolation on this path).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hwmodels.roofline import DTYPE_BYTES, CostModel
+from hwmodels.specs import System
+from moesim.train.collectives import group_system
+from moesim.train.layers import FP32_BYTES, Shape, attention_dims, block_ops, embedding_ops, head_ops
+from moesim.train.memory import block_params, embedding_params
+from moesim.train.moe import moe_times
+from moesim.train.ops import FORWARD, Kernel, Timer, default_cost, kernel_cost
+from moesim.train.spec import Parallel, TrainSpec
+from workloads.hf_config import ModelConfig
+from workloads.trace import Trace
+
+DEFAULT_MEMORY_FRACTION = 0.9
+#: phases of a block that the serving iteration times itself (the varlen attention core)
+OWN_PHASES = ("attention_core",)
+#: the parts of :meth:`IterationCost.breakdown_s`, in the order an iteration runs them
+BREAKDOWN_PARTS = ("embedding", "attention side", "attention core", "dispatch", "shared experts", "experts",
+                   "combine", "LM head", "KV swap", "hidden by two-batch overlap")
+
+
+class ServeError(ValueError):
+    """A serving layout or option that cannot run (names the flag)."""
+
+
+@dataclass(frozen=True)
+class ServeLayout:
+    tp: int = 1
+    ep: int = 1
+    dp: int = 1
+
+    def __post_init__(self):
+        for name in ("tp", "ep", "dp"):
+            if getattr(self, name) < 1:
+                raise ServeError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if (self.tp * self.dp) % self.ep:
+            raise ServeError(f"--ep {self.ep} must divide tp x dp = {self.tp * self.dp}")
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.dp
+
+    def parallel(self) -> Parallel:
+        return Parallel(tp=self.tp, pp=1, dp=self.dp, ep=self.ep)
+
+
+def kv_elements_per_token_layer(cfg: ModelConfig, tp: int) -> int:
+    """KV-cache elements one token holds in one layer on one of ``tp`` devices (see the module docstring)."""
+    if cfg.attention_kind == "mla":
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    return 2 * max(1, cfg.num_key_value_heads // tp) * cfg.head_dim
+
+
+@dataclass(frozen=True, eq=False)
+class LayerParts:
+    """Forward seconds of one rank for a token count: ``embed_s``, and per layer [num_hidden_layers] ``pre_s``
+    (norms, projections, tensor-parallel collectives and, in MoE layers, the router: everything but the
+    attention core and the MoE phases), ``dispatch_s``, ``shared_s``, ``expert_s``, ``combine_s`` (0 in dense
+    layers). One pass of a layer is ``pre + max(dispatch, shared) + expert + combine`` (the training step's
+    composition: shared experts beside the dispatch)."""
+
+    embed_s: float
+    pre_s: np.ndarray
+    dispatch_s: np.ndarray
+    shared_s: np.ndarray
+    expert_s: np.ndarray
+    combine_s: np.ndarray
+
+
+def two_batch_makespan(a_s: np.ndarray, d_s: np.ndarray, e_s: np.ndarray, c_s: np.ndarray) -> float:
+    """Seconds of the layers when two micro-batches alternate on a compute and a communication stream.
+
+    Per layer l and micro-batch m: ``A`` (attention side and router, compute) -> ``D`` (dispatch, comm) ->
+    ``E`` (experts and shared experts, compute) -> ``C`` (combine, comm); ``A`` of layer l + 1 waits for
+    ``C`` of layer l of the same micro-batch. The compute stream runs A1 A2 E1 E2, the communication stream
+    D1 D2 C1 C2, each in that order, a task starting when its stream is free and its input is ready
+    (DeepSeek-V3's and SGLang's two-batch overlap, decode). Arrays are per layer, for one micro-batch.
+    """
+    compute = comm = 0.0
+    c_end = [0.0, 0.0]
+    for a, d, e, c in zip(a_s, d_s, e_s, c_s):
+        a_end, d_end, e_end = [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
+        for m in (0, 1):
+            compute = a_end[m] = max(compute, c_end[m]) + a
+        for m in (0, 1):
+            comm = d_end[m] = max(comm, a_end[m]) + d
+        for m in (0, 1):
+            compute = e_end[m] = max(compute, d_end[m]) + e
+        for m in (0, 1):
+            comm = c_end[m] = max(comm, e_end[m]) + c
+    return max(c_end)
+
+
+@dataclass(frozen=True)
+class BatchWork:
+    """What one iteration computes, summed over the whole batch (all dp ranks): new tokens, sequences that
+    sample a token, causal (query, key) pairs, KV tokens read, and KV tokens swapped to or from host memory."""
+
+    tokens: int
+    sampled: int
+    attention_pairs: float
+    kv_tokens_read: float
+    swap_tokens: int = 0
+
+
+@dataclass
+class IterationCost:
+    """Iteration time and memory of ``cfg`` on ``system`` laid out as ``layout`` (see the module docstring)."""
+
+    cfg: ModelConfig
+    system: System
+    layout: ServeLayout
+    cost: CostModel | None = None
+    dtype: str = "bf16"
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION
+    activation_reserve_bytes: float = 0.0
+    trace: Trace | None = None
+    exact_up_to: int = 128
+    grid_ratio: float = 1.05
+    interp_tol: float = 0.005
+    two_batch_overlap: bool = False
+    ep_comm: object | None = None  # moesim.serve.exflow.EPComm: trace-and-placement all-to-alls (standard/coherent)
+    _linear: dict = field(default_factory=dict, repr=False)
+    _parts: dict = field(default_factory=dict, repr=False)
+    _accepted: set = field(default_factory=set, repr=False)
+    _head: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.layout.devices != self.system.num_devices:
+            raise ServeError(f"tp x dp = {self.layout.tp} x {self.layout.dp} = {self.layout.devices} devices, but "
+                             f"system {self.system.name!r} has {self.system.num_devices} (set --nodes or the layout)")
+        if self.layout.ep > 1 and not self.cfg.is_moe:
+            raise ServeError(f"--ep {self.layout.ep} needs an MoE model; {self.cfg.name!r} is dense")
+        if self.cfg.is_moe and self.cfg.num_experts % self.layout.ep:
+            raise ServeError(f"--ep {self.layout.ep} must divide the {self.cfg.num_experts} routed experts")
+        if not 0 < self.memory_fraction <= 1:
+            raise ServeError(f"memory fraction must lie in (0, 1], got {self.memory_fraction}")
+        if self.cost is None:
+            self.cost = default_cost(self.system.device)
+        self.timer = Timer(self.cost, self.system.device, self.dtype)
+        heads, kv, d_qk, d_v, _ = attention_dims(self.cfg, self.layout.tp)
+        self._qo_elems = heads * (d_qk + d_v)
+        self._flops_per_pair = 2.0 * heads * (d_qk + d_v)
+        if self.kv_capacity_tokens_per_device < 1:
+            self._raise_no_room()
+
+    # ---- memory -------------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token_layer(self) -> float:
+        """KV bytes one token holds in one layer on one device."""
+        return kv_elements_per_token_layer(self.cfg, self.layout.tp) * DTYPE_BYTES[self.dtype]
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV bytes one token holds on one device (all layers)."""
+        return self.kv_bytes_per_token_layer * self.cfg.num_hidden_layers
+
+    @property
+    def kv_bytes_per_token_model(self) -> float:
+        """KV bytes of one token of the whole model, every head once (what a prefill-to-decode transfer moves)."""
+        return float(kv_elements_per_token_layer(self.cfg, 1) * DTYPE_BYTES[self.dtype] * self.cfg.num_hidden_layers)
+
+    @property
+    def weight_bytes_per_device(self) -> float:
+        lay, cfg = self.layout, self.cfg
+        pc = embedding_params(cfg, lay.tp, first=True, last=True)
+        for layer in range(cfg.num_hidden_layers):
+            pc = pc + block_params(cfg, layer, lay.tp, lay.ep)
+        return (pc.dense + pc.expert) * DTYPE_BYTES[self.dtype]
+
+    @property
+    def hbm_budget_bytes(self) -> float:
+        return self.system.device.main_memory.capacity_bytes * self.memory_fraction
+
+    @property
+    def kv_replicas(self) -> int:
+        """Copies of a rank's KV: 1, or the EP group's ranks in context-coherent mode (every device of the
+        group holds every request's KV)."""
+        if self.ep_comm is not None and self.ep_comm.mode == "coherent":
+            return max(1, self.layout.ep // self.layout.tp)
+        return 1
+
+    @property
+    def kv_capacity_tokens_per_device(self) -> int:
+        """KV tokens of its own rank's requests one device can hold (see the module docstring)."""
+        free = self.hbm_budget_bytes - self.weight_bytes_per_device - self.activation_reserve_bytes
+        return max(0, int(free // self.kv_bytes_per_token)) // self.kv_replicas
+
+    def kv_capacity_blocks(self, block_size: int) -> int:
+        """KV blocks of ``block_size`` tokens of one data-parallel rank (its tp devices hold a block together)."""
+        return self.kv_capacity_tokens_per_device // block_size
+
+    def _raise_no_room(self):
+        from moebase.units import GB
+        raise ServeError(f"{self.cfg.name} does not fit: weights need {self.weight_bytes_per_device / GB:.1f} GB per "
+                         f"device, {self.system.device.name} offers {self.hbm_budget_bytes / GB:.1f} GB "
+                         f"({self.memory_fraction:g} of HBM), leaving no room for the KV cache; raise --tp or --ep")
+
+    # ---- time ---------------------------------------------------------------------------------------
+    def _grid_upto(self, t: int) -> list[int]:
+        g = list(range(1, self.exact_up_to + 1))
+        x = float(self.exact_up_to)
+        while g[-1] < t:
+            x *= self.grid_ratio
+            g.append(max(g[-1] + 1, int(math.ceil(x))))
+        return g
+
+    def linear_exact_s(self, tokens: int) -> float:
+        """``linear(T)`` computed through the training engine (``tokens`` per dp rank)."""
+        if tokens <= 0:
+            return 0.0
+        p = self.layer_parts(tokens)
+        return p.embed_s + float(np.sum(p.pre_s + np.maximum(p.dispatch_s, p.shared_s) + p.expert_s + p.combine_s))
+
+    def layer_parts(self, tokens: int) -> "LayerParts":
+        """Per-layer forward seconds for ``tokens`` per rank (memoized; see :class:`LayerParts`)."""
+        got = self._parts.get(tokens)
+        if got is not None:
+            return got
+        cfg, lay = self.cfg, self.layout
+        sh = Shape(1, tokens, lay.tp)
+        fwd = lambda ops: sum(o.time_s for o in ops  # noqa: E731
+                              if o.direction == FORWARD and o.phase not in OWN_PHASES)
+        n = cfg.num_hidden_layers
+        parts = {k: np.zeros(n) for k in ("pre_s", "dispatch_s", "shared_s", "expert_s", "combine_s")}
+        dense = [i for i in range(n) if not cfg.is_moe_layer(i)]
+        if dense:
+            parts["pre_s"][dense] = fwd(block_ops(cfg, dense[0], sh, self.timer, self.system))
+        if cfg.moe_layers:
+            moe = list(cfg.moe_layers)
+            mt = self._moe_times(tokens)
+            parts["pre_s"][moe] = fwd(block_ops(cfg, moe[0], sh, self.timer, self.system)) + mt.router_s[0]
+            for key, arr in (("dispatch_s", mt.dispatch_s), ("shared_s", mt.shared_s), ("expert_s", mt.expert_s),
+                             ("combine_s", mt.combine_s)):
+                parts[key][moe] = arr[0]
+            if self.ep_comm is not None:  # the placement's token movement replaces the dispatch and combine
+                parts["dispatch_s"][moe], parts["combine_s"][moe] = self.ep_comm.layer_times_s(
+                    -(-tokens // lay.tp), len(moe))
+        got = self._parts[tokens] = LayerParts(fwd(embedding_ops(cfg, sh, self.timer, self.system)), **parts)
+        return got
+
+    def _moe_times(self, tokens: int):
+        """The training engine's MoE phases for ``tokens`` per rank: balanced routing unless a routing ``trace`` is
+        given (then MoE layer j replays trace layer j mod its layers, one sample)."""
+        spec = TrainSpec(parallel=self.layout.parallel(), seq_len=tokens, micro_batch_size=1,
+                         global_batch_size=self.layout.dp, dtype=self.dtype,
+                         routing="trace" if self.trace is not None else "balanced", routing_samples=1)
+        return moe_times(self.cfg, self.system, spec, self.cost, self.trace)
+
+    def _linear_at(self, t: int) -> float:
+        v = self._linear.get(t)
+        if v is None:
+            v = self._linear[t] = self.linear_exact_s(t)
+        return v
+
+    def linear_s(self, tokens: int) -> float:
+        """``linear(T)``: exact up to ``exact_up_to``; above, linear interpolation inside an interval of the
+        geometric grid once its quarter points and midpoint are within ``interp_tol`` of the exact value, else
+        the half holding ``T`` is checked the same way (down to neighbouring integers). Cost models with steps
+        (tiles, waves) get refined near their steps, only where iterations land."""
+        if tokens <= self.exact_up_to:
+            return self._linear_at(tokens)
+        g = self._grid_upto(tokens)
+        i = bisect.bisect_left(g, tokens)
+        if g[i] == tokens:
+            return self._linear_at(tokens)
+        lo, hi = g[i - 1], g[i]
+        while hi - lo > 1 and (lo, hi) not in self._accepted:
+            mid = (lo + hi) // 2
+            if self._is_linear(lo, hi):
+                self._accepted.add((lo, hi))
+            elif tokens == mid:
+                return self._linear_at(mid)
+            else:
+                lo, hi = (lo, mid) if tokens < mid else (mid, hi)
+        a, b = self._linear_at(lo), self._linear_at(hi)
+        return a + (b - a) * (tokens - lo) / (hi - lo)
+
+    def _is_linear(self, lo: int, hi: int) -> bool:
+        """Whether the chord from ``lo`` to ``hi`` is within ``interp_tol`` of the exact value at the interval's
+        quarter points and midpoint."""
+        a, b = self._linear_at(lo), self._linear_at(hi)
+        for t in sorted({lo + (hi - lo) * q // 4 for q in (1, 2, 3)} - {lo, hi}):
+            m = self._linear_at(t)
+            if abs(a + (b - a) * (t - lo) / (hi - lo) - m) > self.interp_tol * m:
+                return False
+        return True
+
+    def head_s(self, sequences: int) -> float:
+        if sequences <= 0:
+            return 0.0
+        v = self._head.get(sequences)
+        if v is None:
+            ops = head_ops(self.cfg, Shape(1, sequences, self.layout.tp), self.timer, self.system)
+            v = self._head[sequences] = sum(o.time_s for o in ops if o.direction == FORWARD and o.phase != "loss")
+        return v
+
+    def attention_kernel(self, pairs: float, kv_read: float, tokens: float) -> Kernel:
+        """Work of one layer's attention core on one device (see the module docstring)."""
+        b = DTYPE_BYTES[self.dtype]
+        io = kv_read * self.kv_bytes_per_token_layer + tokens * (self._qo_elems * b + FP32_BYTES)
+        return Kernel("paged_attention_fwd", self._flops_per_pair * pairs, io)
+
+    def attention_s(self, pairs_per_rank: float, kv_read_per_rank: float, tokens_per_rank: float) -> float:
+        """All layers' attention cores for one rank's share of the batch."""
+        if tokens_per_rank <= 0:
+            return 0.0
+        k = self.attention_kernel(pairs_per_rank, kv_read_per_rank, tokens_per_rank)
+        return self.cfg.num_hidden_layers * kernel_cost(self.timer.cost, self.system.device, k, self.dtype).time_s
+
+    def iteration_s(self, w: BatchWork) -> float:
+        """Seconds of one iteration doing ``w``, the whole batch of the ``dp`` ranks split evenly over them (the
+        pooled model; the engine's explicit ranks use :meth:`ranks_iteration_s`)."""
+        dp = self.layout.dp
+        return self.rank_s(BatchWork(-(-w.tokens // dp), -(-w.sampled // dp), w.attention_pairs / dp,
+                                     w.kv_tokens_read / dp, w.swap_tokens / dp))
+
+    def ranks_iteration_s(self, works: list[BatchWork]) -> float:
+        """Seconds of one iteration of the ``dp`` ranks doing ``works`` (one each) in lock step: the slowest
+        rank's (its whole iteration; layer-by-layer waits are not modelled finer)."""
+        return max(self.rank_s(w) for w in works)
+
+    def rank_s(self, w: BatchWork) -> float:
+        """Seconds of one rank doing ``w`` (see the module docstring)."""
+        if w.tokens <= 0:
+            return self.swap_s(w.swap_tokens)
+        rest = self.head_s(w.sampled) + self.swap_s(w.swap_tokens)
+        if self.two_batch_overlap and w.tokens >= 2:
+            return rest + self.two_batch_s(w)
+        return rest + self.linear_s(w.tokens) + self.attention_s(w.attention_pairs, w.kv_tokens_read, w.tokens)
+
+    def breakdown_s(self, w: BatchWork) -> dict[str, float]:
+        """Where one rank's iteration doing ``w`` spends its time, in seconds per part (exact ``linear``, no
+        interpolation): ``embedding``, ``attention side`` (norms, projections, tensor-parallel collectives, router),
+        ``attention core``, ``dispatch``, ``shared experts`` (beside the dispatch: only the part longer than it),
+        ``experts``, ``combine``, ``LM head``, ``KV swap``; with ``two_batch_overlap`` also ``hidden by two-batch
+        overlap`` (negative: the parts' sum minus the overlapped time)."""
+        out = dict.fromkeys(BREAKDOWN_PARTS, 0.0)
+        out["LM head"], out["KV swap"] = self.head_s(w.sampled), self.swap_s(w.swap_tokens)
+        if w.tokens <= 0:
+            return out
+        p = self.layer_parts(w.tokens)
+        out["embedding"], out["attention side"] = p.embed_s, float(p.pre_s.sum())
+        out["attention core"] = self.attention_s(w.attention_pairs, w.kv_tokens_read, w.tokens)
+        out["dispatch"], out["experts"], out["combine"] = (float(p.dispatch_s.sum()), float(p.expert_s.sum()),
+                                                            float(p.combine_s.sum()))
+        out["shared experts"] = float(np.maximum(p.shared_s - p.dispatch_s, 0.0).sum())
+        if self.two_batch_overlap and w.tokens >= 2:
+            total = sum(out.values())
+            out["hidden by two-batch overlap"] = self.rank_s(w) - total
+        return out
+
+    def two_batch_s(self, w: BatchWork) -> float:
+        """Embedding and layers of one rank with its batch split into two micro-batches of ``ceil(T / 2)``
+        tokens (each half the attention work) overlapped by :func:`two_batch_makespan`."""
+        p = self.layer_parts(-(-w.tokens // 2))
+        attn = self.attention_s(w.attention_pairs / 2, w.kv_tokens_read / 2, w.tokens / 2)
+        a = p.pre_s + attn / self.cfg.num_hidden_layers
+        return 2 * p.embed_s + two_batch_makespan(a, p.dispatch_s, p.shared_s + p.expert_s, p.combine_s)
+
+    def swap_s(self, tokens_per_rank: float) -> float:
+        """Copying ``tokens_per_rank`` tokens of KV between a device and host memory over its host link, before
+        the iteration's compute (not overlapped)."""
+        if tokens_per_rank <= 0:
+            return 0.0
+        link = self.system.host_link
+        return tokens_per_rank * self.kv_bytes_per_token / link.bandwidth_bytes_per_s + link.latency_s
+
+    def host_kv_capacity_blocks(self, block_size: int, swap_bytes_per_device: float) -> int:
+        """Host-memory KV blocks of one data-parallel rank for swapped-out requests: ``swap_bytes_per_device`` per
+        device (at most the node's host memory shared by its devices)."""
+        share = self.system.host_memory.capacity_bytes / self.system.devices_per_node
+        return int(min(swap_bytes_per_device, share) // self.kv_bytes_per_token) // block_size
+
+    def describe(self) -> dict:
+        return {"tp": self.layout.tp, "ep": self.layout.ep, "dp": self.layout.dp, "dtype": self.dtype,
+                "cost_model": getattr(self.cost, "name", type(self.cost).__name__),
+                "weight_bytes_per_device": self.weight_bytes_per_device,
+                "kv_bytes_per_token_per_device": self.kv_bytes_per_token,
+                "kv_capacity_tokens_per_device": self.kv_capacity_tokens_per_device,
+                "memory_fraction": self.memory_fraction, "two_batch_overlap": self.two_batch_overlap,
+                "ep_mode": self.ep_comm.mode if self.ep_comm is not None else "standard",
+                "kv_replicas": self.kv_replicas}
+
+
+def pool_system(system: System, devices: int) -> System:
+    """The part of ``system`` a pool of ``devices`` devices spans (same device and links)."""
+    if devices < 1 or devices > system.num_devices:
+        raise ServeError(f"a pool of {devices} devices does not fit system {system.name!r} of {system.num_devices}")
+    try:
+        return group_system(system, devices)
+    except ValueError as exc:
+        raise ServeError(f"a pool of {devices} devices: {exc}") from None
+
+
+def interpolation_error(ic: IterationCost, tokens: np.ndarray) -> np.ndarray:
+    """Relative error of the interpolated ``linear(T)`` against the exact value at each of ``tokens``."""
+    out = []
+    for t in tokens:
+        exact = ic.linear_exact_s(int(t))
+        out.append((ic.linear_s(int(t)) - exact) / exact)
+    return np.array(out)

@@ -1,0 +1,136 @@
+"""Serving metrics from a :class:`moesim.serve.engine.ServeResult`, as a JSON-ready dict with stable names.
+
+Per finished request: TTFT = first token - arrival; TPOT = (finish - first token) / (output - 1) (requests
+of one output token have none); end-to-end = finish - arrival; queue = first admission - arrival. Each as
+mean, p50, p90, p99 (``latency_s``). Throughput over ``duration_s`` = last finish - first arrival: finished
+requests' prompt tokens (input) and output tokens per second, in all and per device and per node. Goodput:
+finished requests per second meeting both SLOs (TTFT <= ``slo_ttft_s`` and, for outputs over one token,
+TPOT <= ``slo_tpot_s``), and their fraction of all requests. KV per replica: ranks, capacity (per rank and
+in all), the fullest rank's peak (``peak_fraction``), mean use, host blocks for swapped KV, and the use
+over time (all ranks, and the fullest rank; at most ``kv_points`` iteration rows, evenly picked).
+Preemption: count, requests hit, evicted (recomputed) tokens and swapped-out tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SCHEMA = "moesim.serve.metrics/1"
+QUANTILES = (("p50", 50), ("p90", 90), ("p99", 99))
+
+
+def stats(values: np.ndarray) -> dict:
+    """mean, p50, p90, p99 of ``values`` (None for each when empty)."""
+    v = np.asarray(values, dtype=float)
+    if not len(v):
+        return {"mean": None, **{k: None for k, _ in QUANTILES}, "count": 0}
+    return {"mean": float(v.mean()), **{k: float(np.percentile(v, q)) for k, q in QUANTILES}, "count": int(len(v))}
+
+
+def per_request(result) -> dict[str, np.ndarray]:
+    """TTFT, TPOT, end-to-end and queueing seconds of each request (NaN where undefined)."""
+    req = result.requests
+    ttft = result.first_token_at_s - req.arrival_s
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(req.output_tokens > 1, (result.finished_at_s - result.first_token_at_s)
+                        / (req.output_tokens - 1), np.nan)
+    return {"ttft_s": ttft, "tpot_s": tpot, "e2e_s": result.finished_at_s - req.arrival_s,
+            "queue_s": result.scheduled_at_s - req.arrival_s}
+
+
+def summarise(result, *, num_devices: int, num_nodes: int, slo_ttft_s: float, slo_tpot_s: float,
+              kv_points: int = 500) -> dict:
+    """The metrics dict (see the module docstring)."""
+    req = result.requests
+    done = ~np.isnan(result.finished_at_s)
+    pr = per_request(result)
+    start = float(req.arrival_s.min()) if len(req) else 0.0
+    duration = float(np.nanmax(result.finished_at_s)) - start if done.any() else 0.0
+    rate = (lambda x: x / duration if duration > 0 else None)  # noqa: E731
+    inp, out = float(req.prompt_tokens[done].sum()), float(req.output_tokens[done].sum())
+    tpot_ok = np.where(req.output_tokens > 1, pr["tpot_s"] <= slo_tpot_s, True)
+    good = done & (pr["ttft_s"] <= slo_ttft_s) & tpot_ok
+    return {
+        "schema": SCHEMA,
+        "requests": {"total": int(len(req)), "finished": int(done.sum()), "rejected": int(result.rejected.sum()),
+                     "unfinished": int(len(req) - done.sum() - result.rejected.sum())},
+        "latency_s": {k[:-2]: stats(v[done & ~np.isnan(v)]) for k, v in pr.items()},
+        "throughput": {"duration_s": duration, "requests_per_s": rate(float(done.sum())),
+                       "input_tokens_per_s": rate(inp), "output_tokens_per_s": rate(out),
+                       "input_tokens_per_s_per_device": _div(rate(inp), num_devices),
+                       "output_tokens_per_s_per_device": _div(rate(out), num_devices),
+                       "input_tokens_per_s_per_node": _div(rate(inp), num_nodes),
+                       "output_tokens_per_s_per_node": _div(rate(out), num_nodes),
+                       "num_devices": num_devices, "num_nodes": num_nodes},
+        "goodput": {"slo_ttft_s": slo_ttft_s, "slo_tpot_s": slo_tpot_s, "requests_per_s": rate(float(good.sum())),
+                    "fraction": float(good.sum() / len(req)) if len(req) else None},
+        "kv": _kv(result, kv_points),
+        "preemption": {"count": int(result.preemptions.sum()), "requests": int((result.preemptions > 0).sum()),
+                       "evicted_tokens": int(result.evicted_tokens.sum()),
+                       "swapped_tokens": int(result.swapped_tokens.sum())},
+        "iterations": _iterations(result.iterations),
+    }
+
+
+def time_breakdown(result, costs: dict, samples: int = 200) -> dict:
+    """Where the iterations' time goes, per replica whose cost has ``breakdown_s`` (:class:`IterationCost`):
+    the parts of up to ``samples`` evenly picked iterations (each the rank that set the lock-step time),
+    scaled to all its iterations by the ratio of all iterations' simulated time to the picked ones' (``parts_s``,
+    seconds of the run; they add up to ``simulated_busy_s`` within the interpolation of ``linear``)."""
+    from moesim.serve.cost import BatchWork
+
+    it, out = result.iterations, {}
+    for name, cost in costs.items():
+        rows = np.flatnonzero(it["replica"] == name) if len(it["replica"]) else np.zeros(0, dtype=int)
+        if not hasattr(cost, "breakdown_s") or not len(rows):
+            continue
+        pick = rows[np.unique(np.linspace(0, len(rows) - 1, min(samples, len(rows))).astype(int))]
+        acc: dict[str, float] = {}
+        for r in pick:
+            w = BatchWork(int(it["slowest_rank_tokens"][r]), int(it["slowest_rank_sampled"][r]),
+                          float(it["slowest_rank_attention_pairs"][r]), float(it["slowest_rank_kv_tokens_read"][r]),
+                          int(it["slowest_rank_swap_tokens"][r]))
+            for k, v in cost.breakdown_s(w).items():
+                acc[k] = acc.get(k, 0.0) + v
+        busy = float(it["duration_s"][rows].sum())
+        scale = busy / float(it["duration_s"][pick].sum())
+        out[name] = {"iterations": int(len(rows)), "sampled_iterations": int(len(pick)),
+                     "parts_s": {k: v * scale for k, v in acc.items()},
+                     "simulated_busy_s": busy}
+    return out
+
+
+def _div(x, n):
+    return None if x is None else x / n
+
+
+def _kv(result, points: int) -> dict:
+    it = result.iterations
+    out = {}
+    for name, info in result.replicas.items():
+        rows = np.flatnonzero(it["replica"] == name) if len(it["replica"]) else np.zeros(0, dtype=int)
+        per_rank, ranks = info["kv_capacity_blocks_per_rank"], info["ranks"]
+        used = it["kv_used_blocks"][rows].astype(float) / (per_rank * ranks)
+        pick = rows[np.unique(np.linspace(0, len(rows) - 1, min(points, len(rows))).astype(int))] if len(rows) else rows
+        out[name] = {"role": info["role"], "ranks": ranks, "block_size": info["kv_block_size"],
+                     "capacity_blocks_per_rank": per_rank, "capacity_blocks": per_rank * ranks,
+                     "peak_blocks_per_rank": info["kv_peak_blocks_per_rank"],
+                     "peak_fraction": info["kv_peak_blocks_per_rank"] / per_rank,
+                     "mean_fraction": float(used.mean()) if len(used) else 0.0,
+                     "host_capacity_blocks_per_rank": info["host_capacity_blocks_per_rank"],
+                     "host_peak_blocks_per_rank": info["host_peak_blocks_per_rank"],
+                     "over_time": {"time_s": it["start_s"][pick].astype(float).tolist(),
+                                   "used_fraction": (it["kv_used_blocks"][pick] / (per_rank * ranks)).astype(float)
+                                   .tolist(),
+                                   "fullest_rank_fraction": (it["kv_rank_used_max_blocks"][pick] / per_rank)
+                                   .astype(float).tolist()}}
+    return out
+
+
+def _iterations(it: dict) -> dict:
+    n = len(it["start_s"])
+    if not n:
+        return {"count": 0}
+    return {"count": n, "mean_duration_s": float(it["duration_s"].mean()), "mean_tokens": float(it["tokens"].mean()),
+            "prefill_tokens": int(it["prefill_tokens"].sum()), "decode_tokens": int(it["decode_tokens"].sum()),
+            "busy_s": float(it["duration_s"].sum())}

@@ -1,0 +1,203 @@
+"""The MoE part of each MoE block, timed by the MoE-layer cost path of :mod:`moesim.analytic`.
+
+Per routing sample and MoE layer, one expert-parallel group of ``ep`` devices runs, per device
+``T = tokens / tp`` tokens (sequence-parallel shard): ``router`` -> ``dispatch`` all-to-all (with the
+``shared_ffn`` beside it) -> grouped ``expert_ffn`` -> ``combine`` all-to-all, exactly the phases and
+costs of :func:`moesim.analytic.group_costs` (the cost model's ``router``/``expert_ffn`` and the
+all-to-all over the group's links). Times are the busiest device's.
+
+Routing:
+
+- ``trace``: each sample takes one step of the trace and a window of ``ep * S`` of its tokens,
+  ``S = min(T, tokens_in_step // ep)`` per device (sample i uses step i mod steps and the window
+  shifted by ``(i // steps) * ep * S``), aggregated with :func:`moesim.sim.prepare` on a contiguous
+  placement; counts are then scaled by ``T / S``. MoE layer j of the model replays trace layer
+  j mod (trace layers).
+- ``balanced``: every device sends ``T * top_k / ep`` choices to every device and each expert
+  computes ``ep * T * top_k / experts`` tokens.
+
+Bytes per routed choice on the wire (:func:`hwmodels.collectives.a2a_payload_bytes`): the dispatch in the
+step's dtype (FP8 adds one fp32 scale per 128 values), the combine in BF16 under FP8 training (DeepSeek-V3
+report sec. 3.3: FP8 dispatch, BF16 combine).
+
+Backward: the input gradient of the combine is an all-to-all shaped like the dispatch and vice versa;
+expert and shared FFNs have an input-gradient and a weight-gradient grouped GEMM of the forward's
+FLOPs each (timed as one forward each); the router has its two GEMMs (see :mod:`moesim.train.ops`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from hwmodels.roofline import CostModel
+from hwmodels.specs import System
+from hwmodels.topology import all_to_all_routing
+from moesim.analytic import group_costs
+from moesim.placement import Placement, contiguous
+from moesim.sim import Routed, SimOptions, activation_bytes, prepare
+from moesim.train.collectives import group_system
+from moesim.train.ops import precise_dtype
+from moesim.train.spec import TrainError, TrainSpec
+from workloads.hf_config import ModelConfig
+from workloads.trace import Trace, TraceMeta
+
+
+@dataclass(frozen=True, eq=False)
+class MoETimes:
+    """Busiest-device seconds [samples, moe_layers] of each MoE phase (forward), and the work behind them.
+
+    ``expert_tokens_max`` [samples, moe_layers]: (token, expert) choices the busiest device computes;
+    ``imbalance``: their max / mean over the group's devices; ``*_flops`` are the busiest device's.
+    """
+
+    router_s: np.ndarray
+    dispatch_s: np.ndarray
+    shared_s: np.ndarray
+    expert_s: np.ndarray
+    combine_s: np.ndarray
+    expert_flops: np.ndarray
+    shared_flops: np.ndarray
+    router_flops: np.ndarray
+    dispatch_sent_bytes: np.ndarray
+    expert_tokens_max: np.ndarray
+    imbalance: np.ndarray
+    tokens_per_device: int
+    expert_load: np.ndarray | None = None  # [replayed layers, experts] choices per expert, summed over samples
+    placement: Placement | None = None  # the placement the trace was replayed on (None: contiguous)
+
+    @property
+    def num_samples(self) -> int:
+        return self.router_s.shape[0]
+
+
+def sample_trace(trace: Trace, ep: int, tokens_per_device: int, samples: int, layers: int) -> tuple[Trace, float]:
+    """The trace cut into ``samples`` steps of ``ep * S`` tokens and ``layers`` layers; returns it and T / S.
+
+    Rows keep only the columns routing needs; within a step they are not re-sorted (the aggregation
+    counts, it does not depend on row order)."""
+    c = trace.columns
+    step_col, tok_col = c["step"], c["token"]
+    steps = np.unique(step_col)
+    keep = c["layer"] < layers
+    by_step = [np.flatnonzero((step_col == s) & keep) for s in steps]
+    n_step = min(int(tok_col[rows].max()) + 1 if rows.size else 0 for rows in by_step)
+    per = min(tokens_per_device, n_step // ep)
+    if per < 1:
+        raise TrainError(f"a trace step has {n_step} tokens, fewer than --ep {ep}: cannot give every device a token")
+    width = ep * per
+    names = ("layer", "rank", "expert", "weight")
+    parts: dict[str, list] = {k: [] for k in (*names, "token", "step")}
+    for i in range(samples):
+        rows = by_step[i % len(steps)]
+        offset = ((i // len(steps)) * width) % n_step
+        tok = (tok_col[rows] - offset) % n_step
+        inside = tok < width
+        for k in names:
+            parts[k].append(c[k][rows[inside]])
+        parts["token"].append(tok[inside].astype(tok_col.dtype))
+        parts["step"].append(np.full(int(inside.sum()), i, dtype=step_col.dtype))
+    cols = {k: np.concatenate(v) for k, v in parts.items()}
+    return Trace(columns=cols, meta=dataclasses.replace(trace.meta, num_layers=layers)), tokens_per_device / per
+
+
+def balanced_routed(ep: int, tokens_per_device: int, top_k: int, num_experts: int, layers: int) -> Routed:
+    """Perfectly balanced routing of one sample (see the module docstring); counts rounded to integers."""
+    if num_experts % ep:
+        raise TrainError(f"--ep {ep} must divide the {num_experts} routed experts")
+    choices = tokens_per_device * top_k
+    pair = np.full((layers, ep, ep), int(round(choices / ep)), dtype=np.int64)
+    per_expert = int(round(ep * choices / num_experts))
+    expert = np.zeros((layers, ep, num_experts), dtype=np.int64)
+    per_dev = num_experts // ep
+    for d in range(ep):
+        expert[:, d, d * per_dev:(d + 1) * per_dev] = per_expert
+    keys = np.stack([np.zeros(layers, int), np.zeros(layers, int), np.arange(layers)], axis=1)
+    router = np.full((layers, ep), tokens_per_device, dtype=np.int64)
+    return Routed(group_key=keys, pair_tokens=pair, expert_tokens=expert, router_tokens=router,
+                  num_tokens=ep * tokens_per_device)
+
+
+def _scaled(routed: Routed, scale: float) -> Routed:
+    if scale == 1.0:
+        return routed
+    r = lambda a: np.rint(a * scale).astype(np.int64)  # noqa: E731
+    return dataclasses.replace(routed, pair_tokens=r(routed.pair_tokens), expert_tokens=r(routed.expert_tokens),
+                               router_tokens=r(routed.router_tokens), num_tokens=int(round(routed.num_tokens * scale)))
+
+
+def moe_times(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostModel, trace: Trace | None,
+              seed: int = 0, placement: Placement | None = None) -> MoETimes:
+    """Forward MoE phase times of every routing sample and MoE layer of ``cfg`` (see the module docstring).
+
+    ``placement`` (trace routing only): expert slots of the EP group's devices per replayed trace layer
+    (e.g. EPLB-style replicas from ``moesim place``), instead of the contiguous one; a choice goes to a
+    replica by the ``local-first`` policy of :mod:`moesim.placement`. A callable ``placement(sampled_trace,
+    layers)`` is called with the sampled trace to build one (FSSDP's load-driven placement,
+    :mod:`moesim.train.fssdp`)."""
+    par = spec.parallel
+    ep_system = group_system(system, par.ep)
+    tokens = -(-spec.tokens_per_micro_batch // par.tp)
+    model = cfg.to_moe_model()
+    # the dispatch in the step's dtype, the combine in BF16 under FP8 training (module docstring)
+    options = SimOptions(micro_batches=1, dtype=spec.dtype, combine_dtype=precise_dtype(spec.dtype))
+    a2a = all_to_all_routing(ep_system)
+    n_moe = len(cfg.moe_layers)
+    if spec.routing == "trace":
+        if trace is None:
+            raise TrainError("routing 'trace' needs --trace")
+        if trace.meta.num_experts != cfg.num_experts:
+            raise TrainError(f"trace has {trace.meta.num_experts} experts per layer but model {cfg.name!r} has "
+                             f"{cfg.num_experts}")
+        used = min(trace.meta.num_layers, n_moe)
+        sampled, scale = sample_trace(trace, par.ep, tokens, spec.routing_samples, used)
+        if callable(placement):
+            placement = placement(sampled, used)
+        placement = _check_placement(placement, used, cfg.num_experts, par.ep)
+        routed, _, _ = prepare(ep_system, model, placement, sampled, options, seed, a2a)
+        routed, samples = _scaled(routed, scale), spec.routing_samples
+    else:
+        if placement is not None:
+            raise TrainError("a placement needs trace routing (--trace): balanced routing assumes the contiguous one")
+        used, samples = 1, 1
+        routed = balanced_routed(par.ep, tokens, cfg.num_experts_per_tok, cfg.num_experts, used)
+    gc = group_costs(ep_system, model, routed, a2a, cost, options, activation_bytes(model, options))
+    mt = _collect(gc, routed, samples, used, n_moe, tokens)
+    load = routed.expert_tokens.sum(axis=1).reshape(samples, used, -1).sum(axis=0)
+    return dataclasses.replace(mt, expert_load=load, placement=placement if spec.routing == "trace" else None)
+
+
+def _check_placement(placement: Placement | None, layers: int, experts: int, ep: int) -> Placement:
+    if placement is None:
+        return contiguous(layers, experts, ep)
+    if placement.num_devices != ep or placement.num_layers != layers or placement.num_experts != experts:
+        raise TrainError(f"placement spans {placement.num_devices} devices x {placement.num_layers} layers x "
+                         f"{placement.num_experts} experts; the step needs --ep {ep} devices x {layers} replayed "
+                         f"trace layers x {experts} experts")
+    return placement
+
+
+def _collect(gc, routed: Routed, samples: int, used: int, n_moe: int, tokens: int) -> MoETimes:
+    idx = np.arange(n_moe) % used
+
+    def per(a: np.ndarray, how: str = "max") -> np.ndarray:
+        a = a.reshape(samples, used, -1)
+        a = a.max(axis=2) if how == "max" else a[:, :, 0]
+        return a[:, idx]
+
+    busiest = gc.expert_s.reshape(samples, used, -1).argmax(axis=2)
+
+    def take(a: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(a.reshape(samples, used, -1), busiest[:, :, None], 2)[:, :, 0][:, idx]
+
+    et = routed.expert_tokens.sum(axis=2).reshape(samples, used, -1).astype(float)
+    mean = et.mean(axis=2)
+    return MoETimes(router_s=per(gc.router_s), dispatch_s=per(gc.dispatch_s[:, None], "first"),
+                    shared_s=per(gc.shared_s), expert_s=per(gc.expert_s), combine_s=per(gc.combine_s[:, None], "first"),
+                    expert_flops=take(gc.expert_flops), shared_flops=per(gc.shared_flops),
+                    router_flops=per(gc.router_flops),
+                    dispatch_sent_bytes=per(gc.dispatch_sent_bytes), expert_tokens_max=et.max(axis=2)[:, idx],
+                    imbalance=np.where(mean > 0, et.max(axis=2) / np.where(mean > 0, mean, 1), 1.0)[:, idx],
+                    tokens_per_device=tokens)

@@ -1,0 +1,451 @@
+"""One training step of a whole model: per-micro-batch stage times -> pipeline schedule -> gradient
+synchronisation -> optimizer step; memory per device; phases and MFU.
+
+``step_time_s = pipeline makespan + grad_sync + optimizer``. Gradient synchronisation after the
+pipeline flush is not overlapped with the backward pass (Megatron's default; ``--overlap-grad-reduce``
+is not modelled): ZeRO 0 all-reduces the gradients, ZeRO 1/2 reduce-scatter them and all-gather the
+updated bf16 weights; ZeRO 3 instead all-gathers each layer's weights before its forward and backward
+and reduce-scatters its gradients, every micro-batch, prefetched so that they overlap the layer's
+compute (only what exceeds the compute waits). Dense gradients go over the ``dp`` ranks
+of a tensor-parallel rank (stride ``tp``), expert gradients over the expert-data-parallel replicas
+(stride ``ep``). The Adam step is bytes-bound: :data:`ADAM_BYTES_PER_PARAM` per local parameter.
+
+MFU (PaLM's definition): model FLOPs / (step time x devices x peak of the dtype), with model FLOPs =
+3 x the forward FLOPs of every linear layer, router, expert (top-k choices per token), the LM head and
+the causal attention core (half of the full ``s^2`` products); recomputation is not model FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moebase.units import GB
+from hwmodels.roofline import DTYPE_BYTES, CostModel, gemm_flops
+from hwmodels.specs import System
+from moesim.placement import Placement
+from moesim.train import memory as mem
+from moesim.train.collectives import collective_time_s, describe_collectives
+from moesim.train.offload import backing, optimizer_offload_s
+from moesim.train.fssdp import FssdpComm, expert_params, fssdp_comm, placement_from_trace
+from moesim.train.layers import (SELECTIVE_RECOMPUTE_PHASES, Shape, attention_linears, block_ops, core_attention_kernels,
+                                 embedding_ops, head_ops)
+from moesim.train.moe import MoETimes, moe_times
+from moesim.train.ops import (BACKWARD_INPUT, BACKWARD_WEIGHT, COMMUNICATION, COMPUTE, FORWARD, Kernel, Op, Timer,
+                              kernel_cost)
+from moesim.train.pipeline import Timeline, run_schedule
+from moesim.train.spec import TrainError, TrainSpec
+from workloads.hf_config import ModelConfig
+from workloads.trace import Trace
+
+ADAM_BYTES_PER_PARAM = 4 + 2 + 4 + 4 + 4 + 4 + 4 + 2  # read master, grad, m, v; write master, m, v, bf16 weight
+ADAM_FLOPS_PER_PARAM = 12
+PHASE_COLUMNS = ("layer", "phase", "direction", "kind", "time_s")
+
+
+@dataclass(frozen=True, eq=False)
+class TrainResult:
+    """What :func:`simulate_step` returns (all times in seconds of one step, bytes per device)."""
+
+    step_time_s: float
+    tokens_per_s: float
+    tokens_per_s_per_device: float
+    mfu: float
+    model_flops_per_step: float
+    memory_bytes: dict
+    memory_per_stage: list
+    phases: list
+    breakdown: dict
+    timeline: Timeline
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+                "tokens_per_s_per_device": self.tokens_per_s_per_device, "mfu": self.mfu,
+                "model_flops_per_step": self.model_flops_per_step, "memory_bytes": self.memory_bytes,
+                "memory_per_stage": self.memory_per_stage, "breakdown": self.breakdown, "phases": self.phases,
+                "timeline": [{"stage": s.stage, "what": s.what, "chunk": _jsonable(s.chunk),
+                              "micro_batch": _jsonable(s.micro_batch), "start_at_s": s.start_at_s,
+                              "end_at_s": s.end_at_s} for s in self.timeline.slots],
+                **{"meta": self.meta}}
+
+
+def _jsonable(x):
+    return list(x) if isinstance(x, tuple) else x
+
+
+def model_flops_per_micro_batch(cfg: ModelConfig, micro_batch_size: int, seq_len: int) -> float:
+    """Forward model FLOPs of one micro-batch of the whole model (see the module docstring)."""
+    t, h = micro_batch_size * seq_len, cfg.hidden_size
+    sh = Shape(micro_batch_size, seq_len, 1)
+    per_layer_attn = sum(float(gemm_flops(t, n, k)) for n, k, _ in attention_linears(cfg, 1))
+    per_layer_attn += core_attention_kernels(cfg, sh, 2)[0].flops
+    total = cfg.num_hidden_layers * per_layer_attn + float(gemm_flops(t, cfg.vocab_size, h))
+    for layer in range(cfg.num_hidden_layers):
+        if cfg.is_moe_layer(layer):
+            total += float(gemm_flops(t * cfg.num_experts_per_tok, 3 * cfg.moe_intermediate_size, h))
+            total += float(gemm_flops(t, 3 * cfg.shared_expert_intermediate_size, h))
+            total += float(gemm_flops(t, cfg.num_experts, h))
+        else:
+            total += float(gemm_flops(t, 3 * cfg.intermediate_size, h))
+    return total
+
+
+def _sum(ops: list[Op], *directions: str, kind: str | None = None) -> float:
+    return sum(o.time_s for o in ops if o.direction in directions and (kind is None or o.kind == kind))
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    cfg: ModelConfig
+    system: System
+    spec: TrainSpec
+    timer: Timer
+    shape: Shape
+    chunks: tuple
+    moe: MoETimes | None
+    moe_ordinal: dict
+    fssdp: FssdpComm | None = None
+
+
+def simulate_step(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostModel, *,
+                  trace: Trace | None = None, seed: int = 0, check_memory: bool = True,
+                  placement: Placement | None = None) -> TrainResult:
+    """Time and memory of one training step of ``cfg`` on ``system`` laid out as ``spec``.
+
+    Raises TrainError when a device needs more than its HBM (unless ``check_memory`` is False: then the
+    result's ``memory_bytes`` shows the overflow). ``placement``: see :func:`moesim.train.moe.moe_times`."""
+    ctx = _context(cfg, system, spec, cost, trace, seed, placement)
+    static = _block_ops_all(ctx)
+    static[-1] = embedding_ops(cfg, ctx.shape, ctx.timer, system)
+    static[cfg.num_hidden_layers] = head_ops(cfg, ctx.shape, ctx.timer, system)
+    router_bwd = _router_backward(ctx)
+    fwd, bwd, fwd_comm, bwd_comm = _chunk_times(ctx, static, router_bwd)
+    params = _stage_params(ctx)
+    p2p_s = _p2p_s(ctx)
+    par = spec.parallel
+    tl = run_schedule(spec.schedule, fwd, bwd, p2p_s, par.pp, par.virtual_stages, fwd_comm, bwd_comm)
+    sync_s = max(_grad_sync_s(ctx, pc) for pc in params)
+    opt_s = max(_optimizer_s(ctx, pc) for pc in params)
+    fssdp_s = max(_fssdp_stage_s(ctx, s) for s in range(par.pp))
+    step_s = tl.makespan_s + sync_s + opt_s + fssdp_s
+    memory, per_stage = _memory(ctx, params, tl, check_memory)
+    flops = 3.0 * model_flops_per_micro_batch(cfg, spec.micro_batch_size, spec.seq_len) * spec.num_micro_batches * par.dp
+    peak = system.device.peak(spec.dtype) * system.num_devices
+    phases = _phases(ctx, static, router_bwd, tl, p2p_s, sync_s, opt_s)
+    breakdown = {"pipeline_s": tl.makespan_s, "grad_sync_s": sync_s, "optimizer_s": opt_s,
+                 "bubble_fraction": tl.bubble_fraction, "p2p_s": p2p_s,
+                 "moe_imbalance_mean": float(ctx.moe.imbalance.mean()) if ctx.moe is not None else 1.0,
+                 "fssdp_comm_s": fssdp_s, "fssdp_bytes_per_step": _fssdp_bytes(ctx)}
+    meta = {"model": cfg.name, "model_source": cfg.source, "system": system.name, "device": system.device.name,
+            "num_devices": system.num_devices, "tp": par.tp, "pp": par.pp, "dp": par.dp, "ep": par.ep, "zero": par.zero,
+            "virtual_stages": par.virtual_stages, "schedule": spec.schedule, "recompute": spec.recompute,
+            "seq_len": spec.seq_len, "micro_batch_size": spec.micro_batch_size, "global_batch_size": spec.global_batch_size,
+            "micro_batches": spec.num_micro_batches, "layers": cfg.num_hidden_layers, "dtype": spec.dtype,
+            "routing": spec.routing, "expert_mode": spec.expert_mode, "offload": spec.offload, "collectives": describe_collectives(system),
+            "cost_model": getattr(cost, "name", type(cost).__name__)}
+    return TrainResult(step_time_s=step_s, tokens_per_s=spec.tokens_per_step / step_s,
+                       tokens_per_s_per_device=spec.tokens_per_step / step_s / system.num_devices,
+                       mfu=flops / (step_s * peak), model_flops_per_step=flops, memory_bytes=memory,
+                       memory_per_stage=per_stage, phases=phases, breakdown=breakdown, timeline=tl, meta=meta)
+
+
+def _context(cfg, system, spec, cost, trace, seed, placement) -> _Ctx:
+    par = spec.parallel
+    if par.world != system.num_devices:
+        raise TrainError(f"tp x pp x dp = {par.tp} x {par.pp} x {par.dp} = {par.world} devices, but system "
+                         f"{system.name!r} has {system.num_devices} (set --nodes or the layout)")
+    if par.ep > 1 and not cfg.is_moe:
+        raise TrainError(f"--ep {par.ep} needs MoE blocks; {cfg.name!r} has none in its {cfg.num_hidden_layers} "
+                         f"simulated layers")
+    if trace is not None and spec.routing != "trace":
+        raise TrainError(f"a trace was given but routing is {spec.routing!r}; set routing='trace' to replay it")
+    chunks = par.chunks(cfg.num_hidden_layers)
+    fssdp = spec.expert_mode == "fssdp" and cfg.is_moe
+    if fssdp and placement is not None:
+        raise TrainError("--placement and --expert-mode fssdp exclude each other: FSSDP places experts by the step's load")
+    if fssdp and spec.routing == "trace":
+        placement = placement_from_trace(par.ep, cfg.num_experts)
+    moe = moe_times(cfg, system, spec, cost, trace, seed, placement) if cfg.is_moe else None
+    comm = fssdp_comm(system, cfg, moe.expert_load, moe.placement, par.ep, mem.WEIGHT_BYTES, mem.GRAD_BYTES) \
+        if fssdp else None
+    return _Ctx(cfg, system, spec, Timer(cost, system.device, spec.dtype),
+                Shape(spec.micro_batch_size, spec.seq_len, par.tp), chunks, moe,
+                {layer: j for j, layer in enumerate(cfg.moe_layers)}, comm)
+
+
+def _block_ops_all(ctx: _Ctx) -> dict[int, list[Op]]:
+    """Operators of every block; blocks of one kind (dense or MoE) are identical, so each kind is costed once."""
+    import dataclasses
+
+    cfg, out, first = ctx.cfg, {}, {}
+    for layer in range(cfg.num_hidden_layers):
+        kind = cfg.is_moe_layer(layer)
+        if kind not in first:
+            first[kind] = block_ops(cfg, layer, ctx.shape, ctx.timer, ctx.system)
+        out[layer] = [dataclasses.replace(o, layer=layer) for o in first[kind]]
+    return out
+
+
+def _router_backward(ctx: _Ctx) -> list[Op]:
+    if ctx.moe is None:
+        return []
+    ops = ctx.timer.linear(-2, "router", ctx.moe.tokens_per_device, ctx.cfg.num_experts, ctx.cfg.hidden_size,
+                           precise=True)
+    return [o for o in ops if o.direction != FORWARD]
+
+
+def _moe_layer(ctx: _Ctx, j: int, i: int, router_bwd: list[Op]) -> tuple[float, float, float, float]:
+    """(forward, backward, forward communication, backward communication) of MoE layer j, micro-batch i."""
+    mt, g = ctx.moe, i % ctx.moe.num_samples
+    r, d, sh, e, c = (mt.router_s[g, j], mt.dispatch_s[g, j], mt.shared_s[g, j], mt.expert_s[g, j], mt.combine_s[g, j])
+    fwd = r + max(d, sh) + e + c
+    bwd = d + 2 * e + max(c, sh) + sh + sum(o.time_s for o in router_bwd)
+    return fwd, bwd, d + c, d + c
+
+
+def _chunk_times(ctx: _Ctx, static: dict, router_bwd: list[Op]):
+    """[chunks, micro-batches] seconds: forward, backward, and the communication inside each."""
+    q_count, m = len(ctx.chunks), ctx.spec.num_micro_batches
+    arrays = [np.zeros((q_count, m)) for _ in range(4)]
+    recompute = ctx.spec.recompute
+    for q, layers in enumerate(ctx.chunks):
+        extra = [-1] if q == 0 else []
+        extra += [ctx.cfg.num_hidden_layers] if q == q_count - 1 else []
+        for layer in list(layers) + extra:
+            ops = static[layer]
+            f, b = _sum(ops, FORWARD), _sum(ops, BACKWARD_INPUT, BACKWARD_WEIGHT)
+            fc, bc = _sum(ops, FORWARD, kind=COMMUNICATION), _sum(ops, BACKWARD_INPUT, kind=COMMUNICATION)
+            zf, zb = _zero3_layer_s(ctx, layer)
+            block = 0 <= layer < ctx.cfg.num_hidden_layers
+            for i in range(m):
+                mf, mb, mfc, mbc = _moe_layer(ctx, ctx.moe_ordinal[layer], i, router_bwd) \
+                    if layer in ctx.moe_ordinal else (0.0, 0.0, 0.0, 0.0)
+                rc = (f + mf) if recompute == "full" and block else _selective_s(ops) if recompute == "selective" else 0.0
+                rcc = (fc + mfc) if recompute == "full" and block else 0.0
+                fwd, bwd, fwd_c, bwd_c = f + mf, b + mb + rc, fc + mfc, bc + mbc + rcc
+                # ZeRO-3 weight gathers / gradient scatters overlap the layer's compute; only the excess waits
+                fwd += max(0.0, zf - (fwd - fwd_c))
+                bwd += max(0.0, zb - (bwd - bwd_c))
+                for arr, val in zip(arrays, (fwd, bwd, fwd_c + zf, bwd_c + zb)):
+                    arr[q, i] += val
+    return arrays
+
+
+def _zero3_layer_s(ctx: _Ctx, layer: int) -> tuple[float, float]:
+    """ZeRO-3 communication of one layer per micro-batch: (forward all-gather, backward all-gather + reduce-scatter)."""
+    par = ctx.spec.parallel
+    if par.zero < 3:
+        return 0.0, 0.0
+    if 0 <= layer < ctx.cfg.num_hidden_layers:
+        pc = mem.block_params(ctx.cfg, layer, par.tp, par.ep)
+    else:
+        pc = mem.embedding_params(ctx.cfg, par.tp, first=layer < 0, last=layer >= 0)
+    gather = _sync(ctx, "all_gather", pc, mem.WEIGHT_BYTES)
+    return gather, gather + _sync(ctx, "reduce_scatter", pc, mem.GRAD_BYTES)
+
+
+def _selective_s(ops: list[Op]) -> float:
+    """Forward seconds ``selective`` recomputation re-runs: norms, the attention core, MLA up-projections."""
+    return sum(o.time_s for o in ops if o.phase in SELECTIVE_RECOMPUTE_PHASES and o.direction == FORWARD)
+
+
+def _stage_params(ctx: _Ctx) -> list[mem.ParamCount]:
+    """Parameters per pipeline stage (one device of it), before ZeRO sharding."""
+    par, cfg = ctx.spec.parallel, ctx.cfg
+    out = []
+    for s in range(par.pp):
+        pc = mem.embedding_params(cfg, par.tp, first=s == 0, last=s == par.pp - 1)
+        for q in range(s, len(ctx.chunks), par.pp):
+            for layer in ctx.chunks[q]:
+                pc = pc + mem.block_params(cfg, layer, par.tp, par.ep)
+        out.append(pc)
+    return out
+
+
+def _sync(ctx: _Ctx, kind: str, pc: mem.ParamCount, bytes_per_param: int) -> float:
+    par = ctx.spec.parallel
+    return (collective_time_s(ctx.system, kind, pc.dense * bytes_per_param, par.dp, par.tp)
+            + collective_time_s(ctx.system, kind, pc.expert * bytes_per_param, par.expert_dp, par.ep))
+
+
+def _stage_moe_layers(ctx: _Ctx, s: int) -> list[int]:
+    """MoE-layer ordinals (index into the replayed FSSDP arrays) of pipeline stage ``s``."""
+    par, fc = ctx.spec.parallel, ctx.fssdp
+    used = len(fc.touched)
+    return [ctx.moe_ordinal[layer] % used for q in range(s, len(ctx.chunks), par.pp) for layer in ctx.chunks[q]
+            if layer in ctx.moe_ordinal]
+
+
+def _fssdp_stage_s(ctx: _Ctx, s: int) -> float:
+    """FSSDP sparse all-gather + reduce-scatter seconds of stage ``s``'s MoE layers, once per step."""
+    if ctx.fssdp is None:
+        return 0.0
+    js = _stage_moe_layers(ctx, s)
+    return float(ctx.fssdp.gather_s[js].sum() + ctx.fssdp.reduce_scatter_s[js].sum())
+
+
+def _fssdp_bytes(ctx: _Ctx) -> float:
+    """Bytes FSSDP moves per step in one expert group, over all MoE layers of the model."""
+    if ctx.fssdp is None:
+        return 0.0
+    fc, idx = ctx.fssdp, np.array(sorted(ctx.moe_ordinal.values())) % len(ctx.fssdp.touched)
+    return float(fc.gather_bytes[idx].sum() + fc.reduce_scatter_bytes[idx].sum())
+
+
+def _grad_sync_s(ctx: _Ctx, pc: mem.ParamCount) -> float:
+    zero = ctx.spec.parallel.zero
+    if zero == 0:
+        return _sync(ctx, "all_reduce", pc, mem.GRAD_BYTES)
+    if zero in (1, 2):
+        return _sync(ctx, "reduce_scatter", pc, mem.GRAD_BYTES) + _sync(ctx, "all_gather", pc, mem.WEIGHT_BYTES)
+    return 0.0
+
+
+def _local_params(ctx: _Ctx, pc: mem.ParamCount) -> float:
+    par = ctx.spec.parallel
+    if par.zero == 0:
+        return pc.dense + pc.expert
+    return pc.dense / par.dp + pc.expert / par.expert_dp
+
+
+def _optimizer_s(ctx: _Ctx, pc: mem.ParamCount) -> float:
+    n = _local_params(ctx, pc)
+    if ctx.spec.offload == "optimizer":
+        return optimizer_offload_s(ctx.system, n, mem.GRAD_BYTES, mem.WEIGHT_BYTES, ADAM_BYTES_PER_PARAM)
+    k = Kernel("adam", ADAM_FLOPS_PER_PARAM * n, ADAM_BYTES_PER_PARAM * n)
+    return kernel_cost(ctx.timer.cost, ctx.system.device, k, "fp32").time_s
+
+
+def _memory(ctx: _Ctx, params: list, tl: Timeline, check: bool) -> tuple[dict, list]:
+    """Bytes per category (tier ``hbm``) of the fullest stage's device, and each stage's total."""
+    cfg, spec, par = ctx.cfg, ctx.spec, ctx.spec.parallel
+    e = DTYPE_BYTES[spec.dtype]
+    xs = ctx.moe.expert_tokens_max.max(axis=0) if ctx.moe is not None else None  # [moe layers], busiest sample
+
+    def x(layer: int) -> float:
+        return float(xs[ctx.moe_ordinal[layer]]) if layer in ctx.moe_ordinal else 0.0
+
+    stages = []
+    for s, pc in enumerate(params):
+        cats = {k: v + w for (k, v), w in zip(mem.zero_bytes(pc.dense, par.zero, par.dp).items(),
+                                                mem.zero_bytes(pc.expert, par.zero, par.expert_dp).values())}
+        if spec.schedule == "dualpipe":
+            cats["weights"] *= 2  # DualPipe keeps two copies of the parameters
+        chunk_layers = [ctx.chunks[q] for q in range(s, len(ctx.chunks), par.pp)]
+        per_mb = max(sum(mem.block_activation_bytes(cfg, i, ctx.shape, spec.recompute, e, x(i)) for i in c)
+                     for c in chunk_layers)
+        act = float(tl.max_live[s]) * per_mb
+        if spec.recompute == "full":
+            act += max(mem.block_activation_bytes(cfg, i, ctx.shape, "none", e, x(i)) for c in chunk_layers for i in c)
+        if s == par.pp - 1:
+            act += mem.logits_bytes(cfg, ctx.shape)
+        cats["activations"] = act
+        if ctx.fssdp is not None:  # materialised experts' weights and gradients, for the whole step
+            pe = expert_params(cfg) * (mem.WEIGHT_BYTES + mem.GRAD_BYTES)
+            cats["fssdp_buffers"] = float(ctx.fssdp.materialised_max[_stage_moe_layers(ctx, s)].sum()) * pe
+        stages.append(cats)
+    offloaded = [c.pop("optimizer") if spec.offload == "optimizer" else 0.0 for c in stages]
+    totals = [sum(c.values()) for c in stages]
+    worst = int(np.argmax(totals))
+    cap = ctx.system.device.main_memory.capacity_bytes
+    if check and totals[worst] > cap:
+        big = max(stages[worst], key=stages[worst].get)
+        raise TrainError(f"does not fit in HBM: stage {worst} needs {totals[worst] / GB:.1f} GB per device, "
+                         f"{ctx.system.device.name} has {cap / GB:.1f} GB: short by {(totals[worst] - cap) / GB:.1f} GB "
+                         f"(largest: {big} {stages[worst][big] / GB:.1f} GB; try --recompute, --zero, more --pp/--tp/--ep, "
+                         f"--offload optimizer)")
+    memory = {k: {"hbm": v} for k, v in stages[worst].items()}
+    memory["total"] = {"hbm": totals[worst]}
+    memory["capacity"] = {"hbm": cap}
+    memory["stage"] = worst
+    if spec.offload == "optimizer":
+        _offloaded_memory(ctx, memory, max(offloaded), check)
+    return memory, [{"stage": s, **c, "total": t} for s, (c, t) in enumerate(zip(stages, totals))]
+
+
+def _offloaded_memory(ctx: _Ctx, memory: dict, nbytes: float, check: bool) -> None:
+    """Optimizer states in the backing tier (its per-device share); not fitting there is an error."""
+    name, _, cap, _ = backing(ctx.system)
+    memory["optimizer"] = {name: nbytes}
+    memory["total"][name] = nbytes
+    memory["capacity"][name] = cap
+    if check and nbytes > cap:
+        raise TrainError(f"does not fit in {name}: --offload optimizer needs {nbytes / GB:.1f} GB per device, "
+                         f"{ctx.system.name} gives each device {cap / GB:.1f} GB: short by {(nbytes - cap) / GB:.1f} GB")
+
+
+def _p2p_s(ctx: _Ctx) -> float:
+    """Send/recv of one micro-batch's activations (sequence-parallel shard) between pipeline neighbours."""
+    par = ctx.spec.parallel
+    if par.pp == 1:
+        return 0.0
+    nbytes = float(ctx.shape.sp_tokens) * ctx.cfg.hidden_size * DTYPE_BYTES[ctx.spec.dtype]
+    return collective_time_s(ctx.system, "send_recv", nbytes, 2, par.tp * par.dp)
+
+
+def _record(layer, phase, direction, kind, time_s) -> dict:
+    return dict(zip(PHASE_COLUMNS, (layer, phase, direction, kind, float(time_s))))
+
+
+def _phases(ctx: _Ctx, static: dict, router_bwd: list[Op], tl: Timeline, p2p_s: float, sync_s: float,
+            opt_s: float) -> list[dict]:
+    """One record per (layer, phase, direction, kind): seconds on the device running that layer, summed over
+    the step's micro-batches. MoE ``shared_ffn`` counts only its part not hidden behind the all-to-all."""
+    m = ctx.spec.num_micro_batches
+    acc: dict[tuple, float] = {}
+
+    def add(layer, phase, direction, kind, t):
+        key = (layer, phase, direction, kind)
+        acc[key] = acc.get(key, 0.0) + t
+
+    for layer, ops in static.items():
+        for o in ops:
+            add(layer, o.phase, o.direction, o.kind, o.time_s * m)
+        if ctx.spec.recompute == "full" and 0 <= layer < ctx.cfg.num_hidden_layers:
+            add(layer, "recompute", "backward_input", COMPUTE, _sum(ops, FORWARD) * m)
+        elif ctx.spec.recompute == "selective":
+            add(layer, "recompute", "backward_input", COMPUTE, _selective_s(ops) * m)
+    for layer, j in ctx.moe_ordinal.items():
+        _moe_phases(ctx, layer, j, router_bwd, add)
+    if ctx.fssdp is not None:
+        used = len(ctx.fssdp.touched)
+        for layer, j in ctx.moe_ordinal.items():
+            add(layer, "fssdp_gather", FORWARD, COMMUNICATION, ctx.fssdp.gather_s[j % used])
+            add(layer, "fssdp_reduce_scatter", BACKWARD_WEIGHT, COMMUNICATION, ctx.fssdp.reduce_scatter_s[j % used])
+    for layer in static:
+        zf, zb = _zero3_layer_s(ctx, layer)
+        if zf > 0:
+            add(layer, "zero3_comm", FORWARD, COMMUNICATION, zf * m)
+            add(layer, "zero3_comm", BACKWARD_INPUT, COMMUNICATION, zb * m)
+    out = [_record(*k, v) for k, v in sorted(acc.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2]))]
+    critical = int(np.argmax(tl.busy_s))
+    out += [_record(None, "pp_send", FORWARD, COMMUNICATION, p2p_s * m),
+            _record(None, "pp_send", BACKWARD_INPUT, COMMUNICATION, p2p_s * m),
+            _record(None, "pipeline_bubble", None, "idle", tl.makespan_s - tl.busy_s[critical]),
+            _record(None, "grad_sync", BACKWARD_WEIGHT, COMMUNICATION, sync_s),
+            _record(None, "optimizer", None, COMPUTE, opt_s)]
+    return out
+
+
+def _moe_phases(ctx: _Ctx, layer: int, j: int, router_bwd: list[Op], add) -> None:
+    mt = ctx.moe
+    for i in range(ctx.spec.num_micro_batches):
+        g = i % mt.num_samples
+        r, d, sh, e, c = (mt.router_s[g, j], mt.dispatch_s[g, j], mt.shared_s[g, j], mt.expert_s[g, j],
+                          mt.combine_s[g, j])
+        for phase, t in (("router", r), ("expert_ffn", e), ("shared_ffn", max(0.0, sh - d))):
+            add(layer, phase, FORWARD, COMPUTE, t)
+        add(layer, "dispatch", FORWARD, COMMUNICATION, d)
+        add(layer, "combine", FORWARD, COMMUNICATION, c)
+        add(layer, "combine", BACKWARD_INPUT, COMMUNICATION, d)
+        add(layer, "dispatch", BACKWARD_INPUT, COMMUNICATION, c)
+        add(layer, "expert_ffn", BACKWARD_INPUT, COMPUTE, e)
+        add(layer, "expert_ffn", BACKWARD_WEIGHT, COMPUTE, e)
+        add(layer, "shared_ffn", BACKWARD_INPUT, COMPUTE, max(0.0, sh - c))
+        add(layer, "shared_ffn", BACKWARD_WEIGHT, COMPUTE, sh)
+        for o in router_bwd:
+            add(layer, "router", o.direction, COMPUTE, o.time_s)
+        if ctx.spec.recompute == "full":
+            add(layer, "recompute", BACKWARD_INPUT, COMPUTE, r + max(d, sh) + e + c)
