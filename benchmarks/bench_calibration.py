@@ -13,19 +13,13 @@ import argparse
 import time
 from pathlib import Path
 
+from benchmarks import md_table as _md
+
 RESULTS = Path(__file__).parent / "results"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "run" / "calibration"
 
 
-def _md(df, floatfmt="{:.3g}") -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in df.to_dict("records"):
-        lines.append("| " + " | ".join(floatfmt.format(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
+def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--grid", default="default")
     ap.add_argument("--threads", type=int, default=1)
@@ -34,7 +28,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--out", default=str(RESULTS), help="where calibration.md goes")
     ap.add_argument("--artifacts", default=str(ARTIFACTS), help="where the profile and HTML report go")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
     from hwmodels.calib_profile import read_profile, write_profile
     from moesim.calibrate.bench import run_suite
     from moesim.calibrate.e2e import e2e_check

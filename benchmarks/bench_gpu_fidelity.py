@@ -12,17 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from benchmarks import md_table
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
-
-
-def _md(df, floatfmt="{:.4g}") -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in df.to_dict("records"):
-        lines.append("| " + " | ".join(floatfmt.format(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols)
-                     + " |")
-    return "\n".join(lines)
+FLOAT_FMT = "{:.4g}"
 
 
 def _mape(err) -> str:
@@ -83,28 +77,29 @@ def build_markdown(res: dict) -> str:
     big = llm[~llm["floor"]]
     out = ["# GPU fidelity (python -m benchmarks.bench_gpu_fidelity)", "",
            "## GEMM: leave one Vidur model out (held-out MAPE per model; train_mape_pct = fit on the other two)", "",
-           _md(lomo.rename(columns={"set": "held-out model"})), ""]
+           md_table(lomo.rename(columns={"set": "held-out model"}), FLOAT_FMT), ""]
     for gpu, g in res["lomo"].groupby("gpu"):
         out.append(f"* {gpu}: mean held-out MAPE {g['mape_pct'].mean():.2f} %, worst model {g['mape_pct'].max():.2f} %")
-    out += ["", "## DeepGEMM FP8 grouped GEMMs, H800 (predicted from the H100 fp16 fit, fp8 peak; not fitted)", "",
-            _md(dg), ""]
-    for layout, g in dg.groupby("layout"):
-        out.append(f"* {layout}: fitted model {_mape(g['error_pct'])}; spec roofline "
+    out += ["", "## DeepGEMM FP8 GEMMs, H800 (fp8 efficiencies fitted on the dense table only, role 'fit'; the "
+            "grouped contiguous and masked tables are held out, role 'held-out')", "", md_table(dg, FLOAT_FMT), ""]
+    for (role, layout), g in dg.groupby(["role", "layout"], sort=False):
+        out.append(f"* {layout} ({'fit error' if role == 'fit' else 'held-out error'}): fitted model "
+                   f"{_mape(g['error_pct'])}; spec roofline "
                    f"{_mape((g['roofline_tflops'] / g['published_tflops'] - 1) * 100)}")
     out += ["", "## LLMCompass A100 matmul sweep (held out; shapes under 10 GFLOP excluded: ~30 us timer floor)", "",
-            _md(llm), ""]
+            md_table(llm, FLOAT_FMT), ""]
     for spec, g in big.groupby("spec"):
         out.append(f"* on {spec}: fitted {_mape(g['error_pct'])}; spec roofline {_mape(g['roofline_error_pct'])}")
     out += ["", "## NCCL collectives (Vidur DGX nodes): fitted vs held-out", "",
-            _md(res["collectives"][["fabric", "collective", "set", "kind", "rows", "mape_pct", "median_ape_pct",
-                                    "worst_pct"]]), "",
-            "## DeepEP on H800 (predicted; not fitted)", "", _md(de), ""]
+            md_table(res["collectives"][["fabric", "collective", "set", "kind", "rows", "mape_pct", "median_ape_pct",
+                                         "worst_pct"]], FLOAT_FMT), "",
+            "## DeepEP on H800 (predicted; not fitted)", "", md_table(de, FLOAT_FMT), ""]
     for normal, g in de.groupby(de["check"].str.startswith("normal")):
         out.append(f"* {'normal (GB/s)' if normal else 'low-latency (us)'}: {_mape(g['error_pct'])}")
     if "deepep_sim" in res:
         ds = res["deepep_sim"]
         out += ["", "## DeepEP intranode EP8 through the simulator (hgx-h800, DeepSeek-V3 layer, 4096 tokens/GPU, "
-                "uniform top-8, fp8 dispatch / bf16 combine; predicted, not fitted)", "", _md(ds), "",
+                "uniform top-8, fp8 dispatch / bf16 combine; predicted, not fitted)", "", md_table(ds, FLOAT_FMT), "",
                 f"* default cost model: {_mape(ds['error_pct'])}; --cost roofline: {_mape(ds['roofline_error_pct'])}"]
     return "\n".join(out) + "\n"
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import write_result
+from benchmarks import md_table, write_result
 from moebase.units import GB, TFLOPS
 
 TRILLION_TOKENS = 10**12
@@ -71,6 +71,15 @@ CASES = [
          dict(seq_len=4096, micro_batch_size=1, global_batch_size=2048, schedule="interleaved", recompute="none"),
          "step_time_s", 29.0, f"{QWEN_ZOO}, row 'Intra-node EP' TP4: 29.0 s/step",
          "stage layout (even split), ZeRO stage (1), routing balance (balanced)", fit_as="h100-vidur"),
+    Case("Qwen3-235B-A22B, TP4 EP8 PP8 VPP4, seq 16384", "qwen3-235b-a22b", "dgx-h100", 32,
+         dict(tp=4, pp=8, dp=8, ep=8, zero=1, virtual_stages=4),
+         dict(seq_len=16384, micro_batch_size=1, global_batch_size=256, schedule="interleaved", recompute="selective"),
+         "tflops_per_device", 295.0, f"{QWEN_ZOO.replace(', seq 4096', '')}, section 'Long Context' (DeepEP, BF16, "
+         "command PP=8 VPP=4 EP=8, recompute layernorm + moe): H100, seq 16384, 32 nodes, TP4 CP1, GBS 256: 295 "
+         "TFLOPS (forced balance)",
+         "micro-batch size (1), ZeRO stage (1); recomputation of the MoE block is not a moesim mode (selective "
+         "recomputes norms and the attention core; 'recompute full' bounds it from the other side)",
+         fit_as="h100-vidur"),
     Case("Qwen3-235B-A22B, FSDP TP2 EP8", "qwen3-235b-a22b", "dgx-h100", 32,
          dict(tp=2, pp=1, dp=128, ep=8, zero=3),
          dict(seq_len=4096, micro_batch_size=4, global_batch_size=2048, recompute="full"),
@@ -149,6 +158,7 @@ VARIANTS = {
     "Qwen3-235B-A22B, TP2 EP32 PP8 VPP4": [("ZeRO 0", {"zero": 0}, {}), ("recompute none", {}, {"recompute": "none"})],
     "Qwen3-235B-A22B, TP4 EP8 PP8 VPP4": [("ZeRO 0", {"zero": 0}, {}),
                                           ("recompute selective", {}, {"recompute": "selective"})],
+    "Qwen3-235B-A22B, TP4 EP8 PP8 VPP4, seq 16384": [("recompute full", {}, {"recompute": "full"})],
     "Qwen3-235B-A22B, FSDP TP2 EP8": [("recompute selective", {}, {"recompute": "selective"})],
     "Llama 3 70B, 64 H100, FP8": [("recompute selective", {}, {"recompute": "selective"}),
                                   ("dtype bf16", {}, {"dtype": "bf16"})],
@@ -226,13 +236,6 @@ def speed() -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> list[str]:
-    keys = list(rows[0])
-    fmt = lambda v: f"{v:,.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + \
-        ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-
-
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--validate", action="store_true")
@@ -244,15 +247,16 @@ def main(argv: list[str] | None = None) -> Path:
         lines += ["Validation: `.venv/bin/python -m benchmarks.bench_train --validate`; error = (predicted - "
                   "published) / published. `default` = the device's default cost model (gpu-fitted: the `h100-vidur` "
                   "fit, which the h800-sxm and h100-sxm specs name), `roofline` = spec peaks.",
-                  ""] + _table(validate()) + [""]
+                  ""] + md_table(validate(), "{:,.4g}").split("\n") + [""]
         lines += ["Sources and unpublished settings:", ""] + [f"- {c.name}: {c.source}. Unpublished, assumed: "
                                                                 f"{c.unpublished}." for c in CASES] + [""]
         lines += ["How the predictions move with unpublished settings (one change each, default cost model; memory "
-                  "is not enforced here, `fits_80GB` says whether the variant fits):", ""] + _table(sensitivity()) + [""]
+                  "is not enforced here, `fits_80GB` says whether the variant fits):", ""]
+        lines += md_table(sensitivity(), "{:,.4g}").split("\n") + [""]
     if do_speed:
         lines += ["Speed: `.venv/bin/python -m benchmarks.bench_train --speed` (wall seconds of one simulated "
                   "DeepSeek-V3 step, PP16 EP64 DualPipe on hgx-h800 nodes, one run each; trace_load_s: reading and "
-                  "expanding the trace, apart)", ""] + _table(speed()) + [""]
+                  "expanding the trace, apart)", ""] + md_table(speed(), "{:,.4g}").split("\n") + [""]
     return write_result("train", lines)
 
 

@@ -9,8 +9,9 @@ bandwidth) for small messages, Simple for large ones. The model takes the faster
     t(size, n)   = min_p t_p
 
 Send/recv: ``t = latency + size / bandwidth``. All-to-all over a switch (each GPU sends ``(n - 1) / n`` of its
-buffer through its own link): ``t = latency + (n - 1) hop + (n - 1) / n * size / bus_bandwidth`` with the
-Simple-protocol parameters of the same fabric. The parameters are per fabric (measured system), fitted by
+buffer through its own link), and a ring reduce-scatter or all-gather (``n - 1`` steps of ``size / n``):
+``t = min_p latency_p + (n - 1) hop_p + (n - 1) / n * size / bus_bandwidth_p`` with the LL and Simple
+parameters of the same fabric (:func:`all_to_all_time_s`). The parameters are per fabric (measured system), fitted by
 least squares on relative error; :func:`scale_to_link` carries a fit's efficiency (fitted / spec bandwidth) to
 another link (e.g. H100 NVLink measurements to H800's NVLink).
 
@@ -35,6 +36,7 @@ import numpy as np
 from hwmodels.roofline import DTYPE_BYTES
 from hwmodels.specs import System, load_system
 from hwmodels.topology import AllToAllRouting
+from moebase.files import read_text_bounded
 from moebase.units import US
 
 NCCL_FIT_FILE = "nccl-vidur.toml"
@@ -94,15 +96,30 @@ def all_reduce_time_s(size_bytes, num_gpus, p: AllReduceParams) -> np.ndarray:
 
 
 def all_to_all_time_s(size_bytes, num_gpus, p: AllReduceParams) -> np.ndarray:
-    """All-to-all over a switch: each GPU sends ``(n-1)/n`` of its ``size_bytes`` buffer (Simple protocol)."""
+    """All-to-all over a switch: each GPU sends ``(n-1)/n`` of its ``size_bytes`` buffer in ``n - 1`` steps (also
+    a ring reduce-scatter or all-gather of ``size_bytes``); 0 for one GPU. The faster of LL and Simple, as for
+    all-reduce: NCCL picks its protocol per message size, and both protocols' parameters are fitted together on
+    the same all-reduce rows (``nccl-vidur.toml``), so neither is extrapolated beyond the other."""
     s, n = (np.asarray(v, dtype=float) for v in np.broadcast_arrays(size_bytes, num_gpus))
-    t = _protocol_time_s(p.simple, s, n, n - 1, (n - 1) / np.maximum(n, 1))
+    steps, frac = n - 1, (n - 1) / np.maximum(n, 1)
+    t = np.minimum(_protocol_time_s(p.ll, s, n, steps, frac), _protocol_time_s(p.simple, s, n, steps, frac))
     return np.where((n > 1) & (s > 0), t, 0.0)
 
 
 def send_recv_time_s(size_bytes, p: ProtocolParams) -> np.ndarray:
     s = np.asarray(size_bytes, dtype=float)
     return np.where(s > 0, p.latency_s + s / p.bus_bandwidth_bytes_per_s, 0.0)
+
+
+def ring_time_s(kind: str, nbytes: float, size: int, bandwidth_bytes_per_s: float, latency_s: float) -> float:
+    """Spec-link (alpha-beta) time of one collective of ``nbytes`` (the full tensor) over ``size`` ranks on
+    links of ``bandwidth_bytes_per_s`` and ``latency_s``: a ring all-reduce takes ``2 (size - 1)`` steps, a
+    reduce-scatter, all-gather or all-to-all ``size - 1``, each moving ``nbytes / size`` over one link and
+    paying one latency; send/recv is ``nbytes / bandwidth + latency`` (no special case for 0 bytes or 1 rank)."""
+    if kind == "send_recv":
+        return nbytes / bandwidth_bytes_per_s + latency_s
+    steps = (size - 1) * (2 if kind == "all_reduce" else 1)
+    return steps / size * nbytes / bandwidth_bytes_per_s + steps * latency_s
 
 
 def scale_to_link(p: AllReduceParams, fitted_link_bytes_per_s: float,
@@ -176,20 +193,42 @@ class BottleneckLinkAllToAll:
 
 
 @dataclass(frozen=True)
-class FittedAllToAll:
-    """All-to-all with NCCL-fitted start-up and achieved bandwidth, over the trace's real per-link bytes::
+class FittedProtocol:
+    """One NCCL protocol of a fitted all-to-all: start-up, per-peer step, and achieved bandwidth as a fraction of
+    the spec bandwidth, per link kind (``efficiency``) and on link kinds without a fit (``other_efficiency``)."""
 
-        t = max(latency_s + (n - 1) hop_s, largest spec route latency) + max_e bytes_e / (spec_bw_e * eff(kind_e))
-
-    ``n``: devices that send or receive; ``efficiency``: (link kind, fitted bus bandwidth / spec bandwidth of
-    the link it was measured on); kinds without a fit run at spec bandwidth (eff 1). With uniform traffic over
-    one switch this is :func:`all_to_all_time_s` of the fit carried to the link (:func:`scale_to_link`).
-    """
-
-    fabric: str
+    name: str
     latency_s: float
     hop_s: float
     efficiency: tuple[tuple[str, float], ...]
+    other_efficiency: float = 1.0
+
+    def time_s(self, routing: AllToAllRouting, edge_bytes: np.ndarray, n: int, route_latency_s: float) -> float:
+        """Seconds of one exchange under this protocol: ``edge_bytes`` per link of ``routing``, ``n`` participants."""
+        eff = np.full(len(routing.edge_kinds), self.other_efficiency)
+        kinds = np.asarray(routing.edge_kinds)
+        for kind, e in self.efficiency:
+            eff[kinds == kind] = e
+        busy_s = float((edge_bytes / (routing.edge_bandwidth_bytes_per_s * eff)).max())
+        return max(self.latency_s + (n - 1) * self.hop_s, route_latency_s) + busy_s
+
+
+@dataclass(frozen=True)
+class FittedAllToAll:
+    """All-to-all with NCCL-fitted start-up and achieved bandwidth, over the trace's real per-link bytes, the
+    faster of the fabric's protocols (LL, Simple; see :func:`all_to_all_time_s`)::
+
+        t = min_p max(latency_p + (n - 1) hop_p, largest spec route latency)
+              + max_e bytes_e / (spec_bw_e * eff_p(kind_e))
+
+    ``n``: devices that send or receive; ``eff_p``: fitted bus bandwidth / spec bandwidth of the link it was
+    measured on; on link kinds without a fit Simple runs at spec bandwidth and LL at its fitted fraction of
+    Simple's. With uniform traffic over one switch this is :func:`all_to_all_time_s` of the fit carried to the
+    link (:func:`scale_to_link`).
+    """
+
+    fabric: str
+    protocols: tuple[FittedProtocol, ...]
     source: str
     name: str = "nccl-fitted"
 
@@ -198,30 +237,23 @@ class FittedAllToAll:
         if ex is None:
             return 0.0
         edge_bytes, pairs = ex
-        eff = np.ones(len(routing.edge_kinds))
-        kinds = np.asarray(routing.edge_kinds)
-        for kind, e in self.efficiency:
-            eff[kinds == kind] = e
-        busy_s = float((edge_bytes / (routing.edge_bandwidth_bytes_per_s * eff)).max())
         n = int((pairs.any(axis=0) | pairs.any(axis=1)).sum())
-        return max(self.latency_s + (n - 1) * self.hop_s, float(routing.pair_latency_s[pairs].max())) + busy_s
+        route_s = float(routing.pair_latency_s[pairs].max())
+        return min(p.time_s(routing, edge_bytes, n, route_s) for p in self.protocols)
 
     def describe(self) -> str:
-        eff = ", ".join(f"{k} {e * 100:.0f} % of spec" for k, e in self.efficiency)
-        return (f"{self.name} ({self.fabric}): start-up {self.latency_s / US:.1f} us + {self.hop_s / US:.2f} us "
-                f"per peer, bandwidth {eff} (other links at spec) over the bottleneck link; {self.source}")
+        parts = "; ".join(f"{p.name}: start-up {p.latency_s / US:.1f} us + {p.hop_s / US:.2f} us per peer, bandwidth "
+                          + ", ".join(f"{k} {e * 100:.0f} % of spec" for k, e in p.efficiency)
+                          + f" (other links {p.other_efficiency * 100:.0f} %)" for p in self.protocols)
+        return f"{self.name} ({self.fabric}): faster of {parts}; over the bottleneck link; {self.source}"
 
 
 def read_collective_fits(path: str | Path) -> dict:
     """The shipped collective fit file as a dict; a missing, oversized or invalid file raises ValueError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"collective fit {path} does not exist")
-    if path.stat().st_size > MAX_FIT_FILE_BYTES:
-        raise ValueError(f"{path}: a collective fit file must be under {MAX_FIT_FILE_BYTES} bytes")
+    text = read_text_bounded(path, MAX_FIT_FILE_BYTES, "collective fit file")
     try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from None
 
 
@@ -255,12 +287,16 @@ def _fabric_all_to_all(gpu_fit: str, link_kind: str, fit_dir: Path) -> FittedAll
         ref = load_system(spec)
         if fabric not in doc or ref.device.gpu_fit != gpu_fit or ref.scale_up.kind != link_kind:
             continue
-        p = _protocol(doc, path, (fabric, "intra-node", "all_reduce", "simple"))
+        simple = _protocol(doc, path, (fabric, "intra-node", "all_reduce", "simple"))
         ar = doc[fabric]["intra-node"]["all_reduce"].get("validation", {})
         held = ar.get("held-out sizes (every 3rd)", {})
         err = f"held-out all-reduce MAPE {float(held['mape_pct']):.1f} %" if "mape_pct" in held else "not validated"
-        eff = p.bus_bandwidth_bytes_per_s / ref.scale_up.bandwidth_bytes_per_s
-        return FittedAllToAll(fabric=f"{fabric} intra-node, {path.name}", latency_s=p.latency_s, hop_s=p.hop_s,
-                              efficiency=((ref.scale_up.kind, eff),),
-                              source=f"Simple-protocol NCCL all-reduce fit on {spec} ({err})")
+        ll = _protocol(doc, path, (fabric, "intra-node", "all_reduce", "ll"))
+        protocols = tuple(
+            FittedProtocol(name, p.latency_s, p.hop_s,
+                           ((ref.scale_up.kind, p.bus_bandwidth_bytes_per_s / ref.scale_up.bandwidth_bytes_per_s),),
+                           p.bus_bandwidth_bytes_per_s / simple.bus_bandwidth_bytes_per_s)
+            for name, p in (("LL", ll), ("Simple", simple)))
+        return FittedAllToAll(fabric=f"{fabric} intra-node, {path.name}", protocols=protocols,
+                              source=f"LL/Simple NCCL all-reduce fit on {spec} ({err})")
     return None

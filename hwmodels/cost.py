@@ -16,11 +16,30 @@ from hwmodels.roofline import (DTYPE_BYTES, CostModel, OpCost, RooflineCost, ffn
 from hwmodels.specs import Device, System
 
 __all__ = ["COMM_KERNEL_SMS", "COST_MODELS", "BottleneckLinkAllToAll", "CalibratedCost", "CostModel", "DTYPE_BYTES",
-           "FittedAllToAll", "GpuFittedCost", "OpCost", "RooflineCost", "collective_model", "default_cost_model",
-           "describe_cost", "ffn_work", "gemm_bytes", "gemm_flops", "overlapped_cost"]
+           "DEFAULT_COST", "FittedAllToAll", "GpuFittedCost", "OpCost", "RooflineCost", "collective_model",
+           "cost_model", "cost_names", "default_cost_model", "describe_cost", "ffn_work", "gemm_bytes", "gemm_flops",
+           "overlapped_cost"]
 
 COST_MODELS = {"roofline": RooflineCost, "calibrated": CalibratedCost, "gpu-fitted": GpuFittedCost}
 """name -> factory; ``calibrated`` is built with ``CalibratedCost.from_profile(path, device)``."""
+DEFAULT_COST = "default"
+"""The name that means :func:`default_cost_model` of the device."""
+
+
+def cost_names(with_profile: bool = False) -> tuple[str, ...]:
+    """The names :func:`cost_model` accepts: ``default`` and the :data:`COST_MODELS` built without a measured
+    profile (with ``with_profile``, also those built ``from_profile``)."""
+    return (DEFAULT_COST, *(n for n, f in COST_MODELS.items() if with_profile or not hasattr(f, "from_profile")))
+
+
+def cost_model(name: str, device: Device) -> CostModel:
+    """The cost model called ``name`` (one of :func:`cost_names`) for ``device``; ValueError naming the known
+    ones otherwise (a profile-built model needs its profile: ``COST_MODELS[name].from_profile``)."""
+    if name == DEFAULT_COST:
+        return default_cost_model(device)
+    if name not in cost_names():
+        raise ValueError(f"cost model {name!r} is not usable without a profile (known: {', '.join(cost_names())})")
+    return COST_MODELS[name]()
 
 
 def default_cost_model(device: Device) -> CostModel:

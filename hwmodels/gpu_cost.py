@@ -3,10 +3,11 @@ fitted to measured kernel times, shipped as small TOML files in ``hwmodels/gpu_f
 time). A device spec opts in with ``gpu_fit = "<file stem>"``; :func:`hwmodels.cost.default_cost_model` then
 returns :class:`GpuFittedCost` for it.
 
-Dtypes: the parameters are fitted on one dtype (``fitted_dtype``, fp16 for the Vidur data). bf16 runs on the
-same tensor cores at the same datasheet rate, so it uses them as they are; any other dtype (fp8, fp32) uses
-the same efficiencies against that dtype's own peak and byte width, and :meth:`GpuFittedCost.describe` says
-so (an extrapolation, checked against DeepGEMM's fp8 tables in ``docs/validation.md``).
+Dtypes: the parameters are fitted per dtype: ``fitted_dtype`` (fp16 for the Vidur data) and, where a fit names
+``data_<dtype>`` (``data_fp8``: DeepGEMM's dense FP8 table for the H100/H800 fit), that dtype too. bf16 runs on the
+same tensor cores at the same datasheet rate as fp16, so it uses the fp16 parameters as they are; a dtype with no
+parameters of its own (fp32; fp8 on a fit without them) uses the ``fitted_dtype`` efficiencies against its own
+peak and byte width, and :meth:`GpuFittedCost.describe` says so (an extrapolation).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import numpy as np
 
 from hwmodels.collectives import BottleneckLinkAllToAll, FittedAllToAll, fitted_all_to_all
 from hwmodels.gpu_gemm import GemmParams, GpuShape, gemm_time_s, grouped_gemm_time_s, stream_time_s
-from hwmodels.roofline import DTYPE_BYTES, OpCost, ffn_work, gemm_bytes, gemm_flops
+from hwmodels.roofline import DTYPE_BYTES, OpCost, ffn_work, gemm_bytes, gemm_flops, softmax_topk_bytes
 from hwmodels.specs import Device, System
+from moebase.files import read_text_bounded
 
 FIT_DIR = Path(__file__).parent / "gpu_fits"
 SAME_RATE_DTYPES = {"fp16": ("bf16",), "bf16": ("fp16",)}
@@ -58,11 +60,10 @@ def read_gpu_fit(name_or_path: str | Path, fit_dir: Path = FIT_DIR) -> GpuFit:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in fit_dir.glob("*.toml")))
         raise ValueError(f"unknown GPU fit {str(name_or_path)!r} ({path} does not exist); known: {known}")
-    if path.stat().st_size > MAX_FIT_BYTES:
-        raise ValueError(f"{path}: a GPU fit file must be under {MAX_FIT_BYTES} bytes")
+    text = read_text_bounded(path, MAX_FIT_BYTES, "GPU fit file")
     try:
-        doc = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from None
     fit = doc.get("fit")
     if not isinstance(fit, dict):
@@ -71,6 +72,7 @@ def read_gpu_fit(name_or_path: str | Path, fit_dir: Path = FIT_DIR) -> GpuFit:
         num_sms = int(fit["num_sms"])
         params = {dt: GemmParams(**{k: float(v) for k, v in p.items()}) for dt, p in fit["params"].items()}
         prov = {k: str(fit[k]) for k in ("gpu", "spec", "data", "licence", "command", "num_sms_source", "fitted_dtype")}
+        prov.update({f"data_{dt}": str(fit[f"data_{dt}"]) for dt in params if f"data_{dt}" in fit})
     except KeyError as exc:
         raise ValueError(f"{path}: key 'fit.{exc.args[0]}': missing") from None
     except (TypeError, ValueError) as exc:
@@ -152,7 +154,7 @@ class GpuFittedCost:
             return OpCost(0.0, 0.0, 0.0)
         g = self.gemm(device, tokens, num_experts, hidden_size, dtype)
         gpu, p, _ = self._setup(device, dtype)
-        sm_bytes = 2.0 * tokens * num_experts * DTYPE_BYTES["fp32"]
+        sm_bytes = softmax_topk_bytes(tokens, num_experts)
         return OpCost(g.time_s + float(stream_time_s(sm_bytes, gpu, p)), g.flops, g.bytes + sm_bytes)
 
     def describe(self, device: Device | None = None, dtype: str | None = None) -> str:
@@ -169,5 +171,11 @@ class GpuFittedCost:
         if dtype is not None and not fit.params_for(dtype)[1]:
             note = (f"; {dtype} uses the {prov['fitted_dtype']} efficiencies against the {dtype} peak "
                     "(extrapolated, see docs/validation.md)")
+        elif dtype is not None and f"data_{dtype}" in prov:
+            note = f"; {dtype} efficiencies fitted on {prov[f'data_{dtype}']}"
+            if f"{dtype}_train_mape_pct" in v:
+                held = ", ".join(f"{key.split('_heldout_')[1].removesuffix('_mape_pct')} {float(val):.1f} %"
+                                 for key, val in v.items() if key.startswith(f"{dtype}_heldout_"))
+                note += f" (fit MAPE {float(v[f'{dtype}_train_mape_pct']):.1f} %; held-out MAPE {held})"
         return (f"{self.name} ({fit.name}): tile/wave GEMM model fitted on {prov['data']} [{prov['licence']}]; "
                 f"{prov['fitted_dtype']} {err}{note}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moebase.files import checked_size
 from moebase.units import MB, MS
 
 MAX_FILE_BYTES = 64 * MB
@@ -33,11 +34,7 @@ def default_data_dir(repo_root: Path) -> Path:
 
 
 def _read_csv(path: Path, **kw) -> pd.DataFrame:
-    if not path.is_file():
-        raise ValueError(f"{path}: data file does not exist (see ../shared/data/gpu-timings/README.md)")
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise ValueError(f"{path}: {size} bytes is over the {MAX_FILE_BYTES} byte limit for a timing table")
+    checked_size(path, MAX_FILE_BYTES, "timing table", hint="see ../shared/data/gpu-timings/README.md")
     try:
         return pd.read_csv(path, **kw)
     except (ValueError, OSError, EOFError) as exc:

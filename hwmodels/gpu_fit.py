@@ -4,8 +4,8 @@ Validation, every figure on data the parameters were not fitted on:
 
 * **leave one model out** (:func:`leave_one_model_out`): fit on two of Vidur's three dense models, predict the
   third, per GPU;
-* **DeepGEMM** (:func:`deepgemm_checks`): FP8 grouped GEMMs (contiguous and masked layouts) on H800, predicted
-  with the fp16 efficiencies fitted on Vidur's H100 and the spec's fp8 peak;
+* **DeepGEMM** (:func:`fit_deepgemm_fp8`, :func:`deepgemm_checks`): the fp8 efficiencies are fitted on DeepGEMM's
+  *dense* FP8 GEMM table (H800) only; its FP8 grouped GEMMs (contiguous and masked layouts) are held out;
 * **LLMCompass** (:func:`llmcompass_checks`): an A100 matmul sweep from another project.
 
 Re-fit (needs ``../shared/data/gpu-timings``)::
@@ -26,7 +26,7 @@ import pandas as pd
 
 from hwmodels.gpu_cost import FIT_DIR, GpuFit
 from hwmodels.gpu_data import llmcompass_matmuls, vidur_gemms
-from hwmodels.gpu_gemm import GpuShape, fit_gemm_params, gemm_time_s, grouped_gemm_time_s
+from hwmodels.gpu_gemm import GemmFit, GpuShape, fit_gemm_params, gemm_time_s, grouped_gemm_time_s
 from hwmodels.roofline import DTYPE_BYTES
 from hwmodels.specs import PUBLISHED_KERNELS_PATH, SPEC_DIR, Device, load_device
 from moebase.units import TFLOPS
@@ -42,6 +42,11 @@ VIDUR_FITS = {
              "nvidia-ampere-architecture-whitepaper.pdf)",
              "A100 80GB (probably PCIe, per Vidur's docs)"),
 }
+DEEPGEMM_DENSE = ("deepseek-ai/DeepGEMM README (first release, Feb 2025), table 'Normal GEMMs for dense models': "
+                  "18 FP8 GEMMs on H800, M 64/128/4096 (hwmodels/published/kernels.toml [[dense_gemm]]; MIT)")
+FP8_FIT_GPU, FP8_FIT_SPEC = "h100", "h800-sxm"
+"""The Vidur GPU whose fit also carries fp8 efficiencies fitted on DeepGEMM's dense table, and the spec of the GPU
+DeepGEMM measured on (H800 = H100 compute and SM count)."""
 LICENCES = {"LICENSE-vidur": "vidur/LICENSE", "LICENSE-llmcompass": "llmcompass/LICENSE"}
 
 
@@ -128,21 +133,64 @@ def published(path: Path = PUBLISHED_KERNELS_PATH) -> dict:
         raise ValueError(f"{path}: cannot read published figures: {exc}") from None
 
 
-def deepgemm_checks(fit: GpuFit, device: Device, doc: dict | None = None) -> pd.DataFrame:
-    """DeepGEMM's FP8 grouped-GEMM tables (contiguous and masked) against the fitted model on ``device``.
-
-    The fit's fp16 efficiencies are applied to the device's fp8 peak and 1-byte operands: nothing in the fit saw
-    these numbers or any fp8 GEMM."""
+def deepgemm_dense(doc: dict | None = None) -> pd.DataFrame:
+    """DeepGEMM's dense FP8 GEMM table (``[[dense_gemm]]`` of the published figures): m, n, k, time_s (s), from
+    the published TFLOPS as DeepGEMM computes them (``2 m n k / t``)."""
     doc = doc if doc is not None else published()
-    params, _ = fit.params_for("fp8")
+    rows = []
+    for e in doc.get("dense_gemm", []):
+        try:
+            m, n, k, tflops = int(e["m"]), int(e["n"]), int(e["k"]), float(e["value_tflops"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"published figures: a [[dense_gemm]] entry lacks a valid {exc}") from None
+        if min(m, n, k) < 1 or not tflops > 0:
+            raise ValueError(f"published figures: [[dense_gemm]] {m}x{n}x{k} needs positive m, n, k and TFLOPS")
+        rows.append({"m": m, "n": n, "k": k, "published_tflops": tflops, "time_s": 2.0 * m * n * k / (tflops * TFLOPS)})
+    if not rows:
+        raise ValueError("published figures: no [[dense_gemm]] entries to fit the fp8 efficiencies on")
+    return pd.DataFrame(rows)
+
+
+def fit_deepgemm_fp8(fit: GpuFit, device: Device, doc: dict | None = None) -> tuple[GpuFit, GemmFit]:
+    """Fit the fp8 efficiencies of ``fit``'s GPU on DeepGEMM's dense FP8 table only (H800 = H100 compute, same SM
+    count) and return ``fit`` with ``params["fp8"]`` added, its provenance (``data_fp8``) and its errors: the fit's
+    own (``fp8_train_mape_pct``, on the dense rows) and the held-out grouped tables' (``fp8_heldout_*``)."""
+    doc = doc if doc is not None else published()
+    dense = deepgemm_dense(doc)
+    gpu = gpu_shape(device, "fp8", fit.num_sms)
+    gemm_fit = fit_gemm_params(dense["m"], dense["n"], dense["k"], dense["time_s"], gpu)
+    with_fp8 = GpuFit(name=fit.name, num_sms=fit.num_sms, params={**fit.params, "fp8": gemm_fit.params},
+                      provenance={**fit.provenance, "data_fp8": DEEPGEMM_DENSE}, validation=dict(fit.validation),
+                      path=fit.path)
+    held = deepgemm_checks(with_fp8, device, doc)
+    held = held[held["role"] == "held-out"]
+    with_fp8.validation.update({"fp8_rows": gemm_fit.rows, "fp8_train_mape_pct": round(gemm_fit.train_mape_pct, 2),
+                                **{f"fp8_heldout_{layout}_mape_pct": round(float(g["error_pct"].abs().mean()), 2)
+                                   for layout, g in held.groupby("layout")}})
+    return with_fp8, gemm_fit
+
+
+def deepgemm_checks(fit: GpuFit, device: Device, doc: dict | None = None) -> pd.DataFrame:
+    """DeepGEMM's FP8 tables against the fitted model on ``device``: the dense table (``role`` "fit" when the fit
+    has its own fp8 efficiencies, which :func:`fit_deepgemm_fp8` fits on it) and the grouped-GEMM tables, contiguous
+    and masked (``role`` "held-out": no parameter is fitted on them)."""
+    doc = doc if doc is not None else published()
+    params, exact = fit.params_for("fp8")
     gpu = gpu_shape(device, "fp8", fit.num_sms)
     rows = []
+    for e in deepgemm_dense(doc).to_dict("records"):
+        m, n, k = e["m"], e["n"], e["k"]
+        pred = 2.0 * m * n * k / float(gemm_time_s(m, n, k, gpu, params)) / TFLOPS
+        rows.append({"layout": "dense", "role": "fit" if exact else "held-out", "groups": 1, "m_per_group": m,
+                     "n": n, "k": k, "published_tflops": e["published_tflops"], "predicted_tflops": pred,
+                     "error_pct": (pred / e["published_tflops"] - 1) * 100,
+                     "roofline_tflops": 2.0 * m * n * k / _roof_s(1, m, n, k, gpu) / TFLOPS})
     for e in doc.get("grouped_gemm", []):
         g, m, n, k = int(e["groups"]), int(e["m_per_group"]), int(e["n"]), int(e["k"])
         t = grouped_gemm_time_s(np.full(g, m), n, k, gpu, params)
         pred = 2.0 * g * m * n * k / t / TFLOPS
-        rows.append({"layout": e.get("layout", "contiguous"), "groups": g, "m_per_group": m, "n": n, "k": k,
-                     "published_tflops": float(e["value_tflops"]), "predicted_tflops": pred,
+        rows.append({"layout": e.get("layout", "contiguous"), "role": "held-out", "groups": g, "m_per_group": m,
+                     "n": n, "k": k, "published_tflops": float(e["value_tflops"]), "predicted_tflops": pred,
                      "error_pct": (pred / e["value_tflops"] - 1) * 100,
                      "roofline_tflops": 2.0 * g * m * n * k / _roof_s(g, m, n, k, gpu) / TFLOPS})
     return pd.DataFrame(rows)
@@ -168,10 +216,12 @@ def llmcompass_checks(data_dir: str | Path, fit: GpuFit, device: Device, min_flo
 
 
 def gpu_fidelity(data_dir: str | Path) -> dict:
-    """Every GPU-fidelity figure, computed from the shared data (nothing fitted on a set it is checked on).
+    """Every GPU-fidelity figure, computed from the shared data (held-out figures come from fits that did not see
+    them; fit errors are labelled as such).
 
     Returns DataFrames: ``lomo`` (per GPU and held-out model), ``lomo_rows`` (per-row predictions),
-    ``deepgemm``, ``llmcompass``, ``collectives`` (all-reduce and send/recv error tables), ``deepep``; plus
+    ``deepgemm`` (column ``role``: "fit" for the dense table the fp8 efficiencies are fitted on, "held-out" for the
+    grouped tables), ``llmcompass``, ``collectives`` (all-reduce and send/recv error tables), ``deepep``; plus
     ``fits`` (GPU name -> :class:`GpuFit` fitted here on all of its data).
     """
     from hwmodels.collective_fit import collective_report, deepep_checks
@@ -183,8 +233,9 @@ def gpu_fidelity(data_dir: str | Path) -> dict:
         lomo.append(res["lomo"].assign(gpu=key, spec=res["device"].name))
         lomo_rows.append(res["lomo_rows"].assign(gpu=key))
     doc = published()
-    h800 = load_device(SPEC_DIR / "h800-sxm.toml")
-    deepgemm = deepgemm_checks(fits["h100"], h800, doc)
+    h800 = load_device(SPEC_DIR / f"{FP8_FIT_SPEC}.toml")
+    fits[FP8_FIT_GPU], _ = fit_deepgemm_fp8(fits[FP8_FIT_GPU], h800, doc)
+    deepgemm = deepgemm_checks(fits[FP8_FIT_GPU], h800, doc)
     llm = pd.concat([llmcompass_checks(data_dir, fits["a100"], load_device(SPEC_DIR / f"{spec}.toml")).assign(
         spec=spec) for spec in ("a100-sxm", "a100-pcie")], ignore_index=True)
     coll = collective_report(data_dir)
@@ -212,9 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     for key in VIDUR_FITS:
         res = fit_vidur(args.data, key)
-        path = write_gpu_fit(res["fit"], out)
-        v = res["fit"].validation
+        fit = res["fit"]
+        if key == FP8_FIT_GPU:
+            fit, _ = fit_deepgemm_fp8(fit, load_device(SPEC_DIR / f"{FP8_FIT_SPEC}.toml"))
+        path = write_gpu_fit(fit, out)
+        v = fit.validation
         print(f"{path}: fit MAPE {v['train_mape_pct']:.2f} %, leave-one-model-out MAPE {v['lomo_mape_pct']:.2f} %")
+        if "fp8_train_mape_pct" in v:
+            print(f"{path}: fp8 fit MAPE (DeepGEMM dense) {v['fp8_train_mape_pct']:.2f} %, held-out contiguous "
+                  f"{v['fp8_heldout_contiguous_mape_pct']:.2f} %, masked {v['fp8_heldout_masked_mape_pct']:.2f} %")
     from hwmodels.collective_fit import collective_report, write_collective_fits
 
     path = write_collective_fits(collective_report(args.data), out, FIT_COMMAND)

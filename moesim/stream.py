@@ -28,22 +28,26 @@ from hwmodels.specs import System
 from hwmodels.topology import AllToAllRouting, all_to_all_routing
 from moesim.analytic import _timeline, group_costs
 from moesim.placement import Placement
-from moesim.sim import (OP_COLUMNS, Result, RoutingTotals, SimOptions, SimulationError, _Des, activation_bytes,
-                        aggregate, check_trace_fits_model, collect_result, layer_times)
+from moesim.sim import (COMM_OPS, COMPUTE_OPS, OP_COLUMNS, Result, RoutingTotals, SimOptions, SimulationError,
+                        _Des, activation_bytes, aggregate, check_trace_fits_model, collect_result, layer_times)
 from workloads.catalog import MoEModel
 from workloads.trace import Trace
 
 ENGINE_NAMES = ("des", "analytic")
+OP_NAMES = np.array(COMPUTE_OPS + COMM_OPS, dtype=object)  # the ``op`` column is kept as codes into this
+BLOCK_ROWS = 1 << 18  # operator rows merged into one block
 
 
 def replay_steps(system: System, model: MoEModel, placement: Placement, steps: Iterable[Trace], *,
                  engine: str = "des", cost: CostModel | None = None, options: SimOptions = SimOptions(),
                  seed: int = 0, progress: Callable[[int, int], None] | None = None,
-                 a2a: AllToAllRouting | None = None, keep_ops: bool = True) -> Result:
+                 a2a: AllToAllRouting | None = None, keep_ops: bool = True,
+                 expected_steps: int | None = None) -> Result:
     """Replay the traces ``steps`` yields (each holds whole steps, steps ascending across them) as one
     trace; the same arguments and Result as :func:`moesim.sim.simulate` / :func:`moesim.analytic.estimate`.
 
-    ``progress(done, total)`` counts groups of the chunks read so far (the total grows as chunks come).
+    ``progress(done, total)`` counts groups; the total is ``expected_steps``' groups when given, else
+    those of the chunks read so far.
     ``keep_ops=False`` keeps no operator rows (``Result.ops`` is empty): memory then does not grow with
     steps x layers x micro-batches x devices.
     """
@@ -52,7 +56,7 @@ def replay_steps(system: System, model: MoEModel, placement: Placement, steps: I
     cost = cost if cost is not None else RooflineCost()
     rng = np.random.default_rng(seed)
     act_bytes = activation_bytes(model, options)
-    columns: dict[str, list[np.ndarray]] = {c: [] for c in OP_COLUMNS}  # operator rows, column by column
+    ops = _OpsBuffer()
     times = None  # per-layer (span, compute, communication) seconds, summed chunk by chunk
     totals: RoutingTotals | None = None
     meta = None
@@ -66,22 +70,24 @@ def replay_steps(system: System, model: MoEModel, placement: Placement, steps: I
             a2a = a2a if a2a is not None else all_to_all_routing(system)
         elif (chunk.meta.num_layers, chunk.meta.num_experts) != (meta.num_layers, meta.num_experts):
             raise SimulationError(f"a chunk of the trace has {chunk.meta.num_layers} layers x "
-                                  f"{chunk.meta.num_experts} experts, the first had {meta.num_layers} x {meta.num_experts}")
+                                  f"{chunk.meta.num_experts} experts, the first had {meta.num_layers} x "
+                                  f"{meta.num_experts}")
         routed = aggregate(chunk, placement, system.num_devices, options, rng)
-        step_progress = None if progress is None else (lambda d, t, base=done: progress(base + d, base + t))
+        total = expected_steps * options.micro_batches * meta.num_layers if expected_steps else None
+        step_progress = None if progress is None else (
+            lambda d, t, base=done: progress(base + d, max(total or 0, base + t)))
         df, now = _replay_chunk(engine, system, model, routed, a2a, cost, options, act_bytes, step_progress, now,
                                 meta.num_layers)
         chunk_times = layer_times(df, meta.num_layers)
         times = chunk_times if times is None else tuple(a + b for a, b in zip(times, chunk_times))
-        for c, parts in columns.items():
-            parts.append(np.array(df[c].to_numpy()[:len(df) if keep_ops else 0]))
+        ops.add(df if keep_ops else df.iloc[:0])
         chunk_totals = RoutingTotals.of(routed, chunk.columns["layer"], meta.num_layers, system.num_devices)
         totals = chunk_totals if totals is None else totals + chunk_totals
         done += len(routed.group_key)
+        del chunk, routed, df  # before the next chunk is read: one chunk in memory, not two
     if meta is None:
         raise SimulationError("the trace has no steps to replay")
-    ops = pd.DataFrame({c: _concat_freeing(parts) for c, parts in columns.items()}, copy=False)
-    result = collect_result(ops, now, totals, a2a, system, model, options, meta, cost, act_bytes,
+    result = collect_result(ops.frame(), now, totals, a2a, system, model, options, meta, cost, act_bytes,
                             times=times)
     if engine == "analytic":
         result.meta["engine"] = "analytic"
@@ -97,6 +103,45 @@ def _replay_chunk(engine, system, model, routed, a2a, cost, options, act_bytes, 
         return pd.DataFrame(des.ops, columns=OP_COLUMNS), float(des.env.now)
     gc = group_costs(system, model, routed, a2a, cost, options, act_bytes)
     return _timeline(routed, gc, progress, start_s=start_s)
+
+
+class _OpsBuffer:
+    """Operator rows kept column by column, chunks merged into blocks of >= BLOCK_ROWS rows (large arrays
+    go back to the system when freed; thousands of small ones would stay in the heap, doubling the peak
+    when the table is assembled). ``op`` is kept as int8 codes into OP_NAMES (a string object per row
+    would cost ~60 bytes)."""
+
+    def __init__(self):
+        self.parts: dict[str, list[np.ndarray]] = {c: [] for c in OP_COLUMNS}
+        self.small = 0  # index of the first part not yet merged into a block
+        self.pending_rows = 0
+
+    def add(self, df: pd.DataFrame) -> None:
+        for c, parts in self.parts.items():
+            if c == "op":
+                codes = pd.Index(OP_NAMES).get_indexer(df["op"])
+                if (codes < 0).any():
+                    raise SimulationError(f"unknown operator {df['op'][codes < 0].iloc[0]!r}; known: {list(OP_NAMES)}")
+                parts.append(codes.astype(np.int8))
+            else:
+                parts.append(np.array(df[c].to_numpy()))
+        self.pending_rows += len(df)
+        if self.pending_rows >= BLOCK_ROWS:
+            self._merge()
+
+    def _merge(self) -> None:
+        for parts in self.parts.values():
+            parts[self.small:] = [np.concatenate(parts[self.small:])] if len(parts) > self.small else []
+        self.small = len(self.parts["op"])
+        self.pending_rows = 0
+
+    def frame(self) -> pd.DataFrame:
+        """The rows as one DataFrame (OP_COLUMNS, the in-memory path's dtypes); the buffer is emptied."""
+        self._merge()
+        # the names in the dtype pandas gives a column of strings, taken by code: no object per row
+        names = pd.array(list(OP_NAMES), dtype=pd.Series(list(OP_NAMES)).dtype)
+        return pd.DataFrame({c: names.take(_concat_freeing(parts)) if c == "op" else _concat_freeing(parts)
+                             for c, parts in self.parts.items()}, copy=False)
 
 
 def _concat_freeing(parts: list[np.ndarray]) -> np.ndarray:

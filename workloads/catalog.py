@@ -14,6 +14,12 @@ _FIELDS = {"hf_id", "hidden_size", "moe_intermediate_size", "num_experts", "num_
            "shared_expert_intermediate_size", "num_layers", "moe_layers", "source"}
 
 
+def swiglu_params(hidden_size: int, intermediate_size: int) -> int:
+    """Parameters of one SwiGLU FFN (an expert, a shared expert or a dense FFN): gate, up and down
+    projections, each ``hidden_size x intermediate_size``."""
+    return 3 * hidden_size * intermediate_size
+
+
 @dataclass(frozen=True)
 class MoEModel:
     """Shapes of an MoE transformer; only what the simulator needs."""
@@ -36,7 +42,7 @@ class MoEModel:
 
     def expert_weight_bytes(self, dtype_bytes: int = DTYPE_BYTES[DEFAULT_DTYPE]) -> int:
         """Bytes of one routed expert's SwiGLU weights (gate, up, down)."""
-        return 3 * self.hidden_size * self.moe_intermediate_size * dtype_bytes
+        return swiglu_params(self.hidden_size, self.moe_intermediate_size) * dtype_bytes
 
     def with_overrides(self, **kw) -> "MoEModel":
         import dataclasses

@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from moebase.files import read_text_bounded
 from moebase.units import MiB
 from workloads.catalog import MoEModel
 
@@ -143,12 +144,10 @@ def load_config(spec: str | Path, config_dir: Path = CONFIG_DIR) -> ModelConfig:
             raise ConfigError(f"no model config named or found at {str(spec)!r}; shipped: "
                               f"{', '.join(available_configs(config_dir))} (or pass a config.json path)")
         path = named
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: {size} bytes; a config.json over {MAX_CONFIG_BYTES} bytes is refused")
+    text = read_text_bounded(path, MAX_CONFIG_BYTES, "model config.json", error=ConfigError)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")

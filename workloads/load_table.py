@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from moebase.units import MiB
-from workloads.trace import Trace, TraceMeta, from_dense
+from workloads.trace import Trace, TraceMeta
 
 TABLE_KEY = "logical_count"
 MAX_TABLE_BYTES = 16 * MiB  # a table file, compressed or not, and its decompressed text
@@ -112,6 +112,13 @@ def _ranges(rows: list[int]) -> str:
     return ", ".join(out)
 
 
+def _open_maybe_gzip(path: Path):
+    """``path`` opened for binary reading, through gzip when it starts with the gzip magic."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return gzip.open(path, "rb") if head == GZIP_MAGIC else open(path, "rb")
+
+
 def read_text_bounded(path: str | Path, limit_bytes: int = MAX_TABLE_BYTES) -> str:
     """The text of ``path`` (gunzipped when it starts with the gzip magic), refusing files or
     decompressed texts over ``limit_bytes`` before reading them whole."""
@@ -120,10 +127,7 @@ def read_text_bounded(path: str | Path, limit_bytes: int = MAX_TABLE_BYTES) -> s
         size = path.stat().st_size
         if size > limit_bytes:
             raise ValueError(f"{path}: {size} bytes is over the load-table limit of {limit_bytes} bytes")
-        with open(path, "rb") as fh:
-            head = fh.read(2)
-        opener = gzip.open if head == GZIP_MAGIC else open
-        with opener(path, "rb") as fh:
+        with _open_maybe_gzip(path) as fh:
             data = fh.read(limit_bytes + 1)
     except (OSError, EOFError) as exc:
         raise ValueError(f"{path}: cannot read the file: {exc}") from None
@@ -224,10 +228,7 @@ def is_load_table_file(path: str | Path) -> bool:
     if not path.is_file():
         return False
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(2)
-        opener = gzip.open if head == GZIP_MAGIC else open
-        with opener(path, "rb") as fh:
+        with _open_maybe_gzip(path) as fh:
             start = fh.read(4096).decode("utf-8", errors="replace").lstrip()
     except (OSError, EOFError):
         return False
@@ -240,13 +241,12 @@ def table_stats(table: LoadTable) -> list[dict]:
     """One row per MoE layer: ``layer`` (MoE ordinal), ``model_layer`` (table row), ``selections``,
     ``tokens`` (selections / top_k), ``max_over_mean``, ``max_share_of_tokens`` (busiest expert's tokens /
     the layer's tokens), ``min_over_mean``, ``cv`` (std / mean), ``entropy_bits``, ``gini``, ``experts_unused``."""
-    from workloads.stats import gini_of
+    from workloads.stats import entropy_bits_of, gini_of, max_over_mean
 
     c = table.moe_counts.astype(np.float64)
     tot = c.sum(axis=1)
     mean = tot / table.num_experts
-    p = c / tot[:, None]
-    ent = -np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0)), 0.0).sum(axis=1)
+    ent = entropy_bits_of(c)
     g = gini_of(c)
     mom = max_over_mean(c)
     return [{"layer": i, "model_layer": row, "selections": int(tot[i]), "tokens": tot[i] / table.top_k,
@@ -312,14 +312,32 @@ def expand(table: LoadTable, tokens: int | None = None, *, steps: int = 1, seed:
     for s in range(steps):
         for layer in range(n_l):
             ids[s * tokens:(s + 1) * tokens, layer] = expand_layer(target[layer], tokens, k, rng)
-    g = np.arange(steps * tokens)
     meta = TraceMeta(model=table.model, num_experts=table.num_experts, top_k=k, num_layers=n_l,
                      source=f"{table.source}, expanded to {tokens} tokens per step (workloads.load_table, seed {seed})",
                      extra={"model_layer_index_0based": list(table.moe_layers), "load_table_tokens": table.num_tokens,
                             "seed": seed, "note": "per-layer loads equal the table; no inter-layer affinity "
                             "(layers expanded independently); weights 1/k", **table.extra})
-    return from_dense(ids, np.full(ids.shape, 1.0 / k, dtype=np.float32), meta,
-                      step=(g // tokens).astype(np.int32), token=g % tokens)
+    return _dense_trace(ids, steps, tokens, meta)
+
+
+def _dense_trace(ids: np.ndarray, steps: int, tokens: int, meta: TraceMeta) -> Trace:
+    """The trace :func:`workloads.trace.from_dense` builds from ``ids`` [steps * tokens, layers, k] (step
+    ``g // tokens``, token ``g % tokens``, weights 1/k), column for column, without its sort and checks: rows
+    in (step, layer, token, rank) order are a transpose of ``ids``, and :func:`expand_layer` guarantees
+    distinct experts per token, every layer in every step and ids below the table's width (tested equal)."""
+    n_l, k = ids.shape[1], ids.shape[2]
+    shape = (steps, n_l, tokens, k)
+
+    def grid(values: np.ndarray, axis: int, dtype) -> np.ndarray:
+        view = [1, 1, 1, 1]
+        view[axis] = len(values)
+        return np.broadcast_to(values.astype(dtype).reshape(view), shape).ravel()
+
+    cols = {"step": grid(np.arange(steps), 0, np.int32), "layer": grid(np.arange(n_l), 1, np.int32),
+            "token": grid(np.arange(tokens), 2, np.int64), "rank": grid(np.arange(k), 3, np.int16),
+            "expert": ids.reshape(steps, tokens, n_l, k).transpose(0, 2, 1, 3).ravel().astype(np.int32),
+            "weight": np.full(ids.size, np.float32(1.0 / k), dtype=np.float32)}
+    return Trace(columns=cols, meta=meta)
 
 
 # ---------------------------------------------------------------- trace specs
@@ -359,13 +377,6 @@ def shipped_table_path(name: str, traces_dir: str | Path) -> Path:
     return Path(traces_dir) / "deepseek-v3-expert-loads" / f"{name}.json.gz"
 
 
-def max_over_mean(load: np.ndarray) -> np.ndarray:
-    """Max over mean along the last axis (1.0 = balanced); 0 where the mean is 0."""
-    load = np.asarray(load, dtype=np.float64)
-    mean = load.mean(axis=-1)
-    return np.divide(load.max(axis=-1), mean, out=np.zeros_like(mean), where=mean > 0)
-
-
 __all__ = ["InconsistentTableWarning", "LoadTable", "apportion", "expand", "expand_layer", "is_load_table_file",
-           "load_table_from_counts", "max_over_mean", "parse_counts", "read_load_table",
+           "load_table_from_counts", "parse_counts", "read_load_table",
            "read_text_bounded", "scaled_counts", "shipped_table_path", "split_spec", "table_stats", "trace_from_table"]

@@ -104,12 +104,18 @@ def _topk(p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.take_along_axis(p, ids, axis=-1)
 
 
-def topk(r: RouterLogits, *, k: int = 2, renormalize: bool = True) -> Trace:
-    """Top-k of softmax(logits); weights renormalised to sum 1 per token (or raw probabilities)."""
-    _check(r, k)
+def _routed_topk(r: RouterLogits, k: int, renormalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of the softmax of ``r``'s logits, weights renormalised over the k when ``renormalize``."""
     ids, w = _topk(_softmax(r.logits.astype(np.float64)), k)
     if renormalize:
         w = w / w.sum(axis=-1, keepdims=True)
+    return ids, w
+
+
+def topk(r: RouterLogits, *, k: int = 2, renormalize: bool = True) -> Trace:
+    """Top-k of softmax(logits); weights renormalised to sum 1 per token (or raw probabilities)."""
+    _check(r, k)
+    ids, w = _routed_topk(r, k, renormalize)
     return _build(r, ids, w, np.ones(ids.shape, bool), num_experts=r.logits.shape[2], top_k=k, policy="topk",
                   variable=False, extra={"renormalize": renormalize})
 
@@ -119,9 +125,7 @@ def capacity(r: RouterLogits, *, k: int = 2, capacity_factor: float = 1.0, renor
     n, n_l, e = _check(r, k)
     if capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-    ids, w = _topk(_softmax(r.logits.astype(np.float64)), k)
-    if renormalize:
-        w = w / w.sum(axis=-1, keepdims=True)
+    ids, w = _routed_topk(r, k, renormalize)
     keep = np.zeros(ids.shape, bool)
     caps = {}
     for s in np.unique(r.step):
@@ -182,9 +186,7 @@ def shared_experts(r: RouterLogits, *, k: int = 2, num_shared: int = 1, renormal
     n, n_l, e = _check(r, k)
     if num_shared < 1:
         raise ValueError(f"num_shared must be >= 1, got {num_shared}")
-    ids, w = _topk(_softmax(r.logits.astype(np.float64)), k)
-    if renormalize:
-        w = w / w.sum(axis=-1, keepdims=True)
+    ids, w = _routed_topk(r, k, renormalize)
     sid = np.broadcast_to(np.arange(e, e + num_shared), (n, n_l, num_shared))
     ids = np.concatenate([ids, sid], axis=-1)
     w = np.concatenate([w, np.ones((n, n_l, num_shared))], axis=-1)

@@ -7,7 +7,8 @@ distinct ``(step, token)`` pair. All functions accept variable-k traces (``meta.
 Public functions (used by placement / memory / studies):
 
 - :func:`expert_load` ``[L, E]`` selection counts; :func:`load_fraction` ``[L, E]`` rows summing to 1.
-- :func:`imbalance` ``[L]`` max/mean; :func:`load_entropy` ``[L]`` bits; :func:`gini` ``[L]``.
+- :func:`imbalance` ``[L]`` max/mean; :func:`load_entropy` ``[L]`` bits; :func:`gini` ``[L]``; the same of any
+  load array ``[..., E]`` (a load table, device loads): :func:`max_over_mean`, :func:`entropy_bits_of`, :func:`gini_of`.
 - :func:`affinity` ``[E, E]`` P(expert j at layer l+1 | expert i at layer l); :func:`affinity_matrices`
   ``[L-1, E, E]``; :func:`pair_counts` the raw ``[E, E]`` counts behind them (:func:`pair_count_matrices`
   for all layers at once).
@@ -50,17 +51,30 @@ def load_fraction(trace: Trace) -> np.ndarray:
 
 def imbalance(trace: Trace) -> np.ndarray:
     """Max over mean expert load per layer, ``[L]`` (1.0 = perfectly balanced)."""
-    load = expert_load(trace).astype(np.float64)
-    mean = load.mean(axis=1)
-    return np.divide(load.max(axis=1), mean, out=np.zeros_like(mean), where=mean > 0)
+    return max_over_mean(expert_load(trace))
+
+
+def max_over_mean(load: np.ndarray) -> np.ndarray:
+    """Max over mean along the last axis (1.0 = balanced); 0 where the mean is 0."""
+    load = np.asarray(load, dtype=np.float64)
+    mean = load.mean(axis=-1)
+    return np.divide(load.max(axis=-1), mean, out=np.zeros_like(mean), where=mean > 0)
 
 
 def load_entropy(trace: Trace) -> np.ndarray:
     """Shannon entropy of each layer's load distribution in bits, ``[L]`` (max log2(E))."""
-    p = load_fraction(trace)
+    return entropy_bits_of(expert_load(trace))
+
+
+def entropy_bits_of(load: np.ndarray) -> np.ndarray:
+    """Shannon entropy in bits of the distribution along the last axis of a non-negative load array
+    ``[..., E]`` (0 where the load is all zero)."""
+    load = np.asarray(load, dtype=np.float64)
+    tot = load.sum(axis=-1, keepdims=True)
+    p = np.divide(load, tot, out=np.zeros_like(load), where=tot > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, -p * np.log2(p), 0.0)
-    return terms.sum(axis=1)
+    return terms.sum(axis=-1)
 
 
 def gini(trace: Trace) -> np.ndarray:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moebase.files import read_text_bounded
 from moebase.units import MiB, US
 
 MAX_TRACE_BYTES = 512 * MiB
@@ -93,15 +94,11 @@ class ShapeHints:
 def load_trace(path: str | Path, max_bytes: int = MAX_TRACE_BYTES) -> dict:
     """Read a Chrome-trace JSON after checking its size; ValueError naming the file otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--from-torch-profile {path}: file does not exist")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ValueError(f"--from-torch-profile {path}: {size} bytes is over the {max_bytes} byte limit; "
-                         "profile fewer steps (torch.profiler schedule) or split the trace")
+    text = read_text_bounded(path, max_bytes, "--from-torch-profile trace",
+                             hint="profile fewer steps (torch.profiler schedule) or split the trace")
     try:
-        doc = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = json.loads(text)
+    except ValueError as exc:
         raise ValueError(f"--from-torch-profile {path}: not a JSON trace: {exc}") from None
     events = doc.get("traceEvents") if isinstance(doc, dict) else doc if isinstance(doc, list) else None
     if not isinstance(events, list):

@@ -105,3 +105,34 @@ def floats_in(lo: float, hi: float, *, open_lo: bool = False):
 
     parse.__name__ = "a comma-separated list of numbers"
     return parse
+
+
+def load_model_config(spec: str, prog: str):
+    """The model config ``spec`` (``workloads.hf_config.load_config``), each warning it raises printed as one
+    line ``<prog>: warning: ...`` instead of a Python warning."""
+    import warnings
+
+    from workloads.hf_config import ConfigWarning, load_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        cfg = load_config(spec)
+    for w in caught:
+        print(f"{prog}: warning: {w.message}")
+    return cfg
+
+
+def load_system_nodes(name: str, nodes: int | None):
+    """The system spec ``name``, scaled to ``nodes`` nodes when given (``--nodes``; None or 0: as specified)."""
+    from hwmodels.specs import load_system
+
+    system = load_system(name)
+    return system.with_nodes(nodes) if nodes else system
+
+
+def add_model_system_flags(p) -> None:
+    """``--model`` (a whole-model config), ``--system`` and ``--nodes``: the flags ``train`` and ``serve`` share;
+    read them with :func:`load_model_config` and :func:`load_system_nodes`."""
+    p.add_argument("--model", required=True, help="shipped config name (workloads/configs) or a config.json path")
+    p.add_argument("--system", default="dgx-h100", help="system spec name or a .toml path")
+    p.add_argument("--nodes", type=int_in(1, 4096), default=None, help="scale the system to this many nodes")

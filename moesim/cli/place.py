@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from moesim.cli._common import float_in, int_in
+from moesim.cli._common import float_in, int_in, load_system_nodes
 
 # method and objective names come from one registry (moesim.place.METHODS / OBJECTIVES), imported in run()
 # only: CP-SAT and the simulator load slowly, and every moesim command builds this parser
@@ -100,15 +100,12 @@ def _setup(args) -> dict:
     """System, trace, model, fit/held-out split, the placement problem and the report context."""
     import numpy as np
 
-    from hwmodels.specs import load_system
     from moesim.place import link_costs, problem_from_trace
     from workloads.catalog import get_model
     from workloads.importers import load_trace
 
     time_limit_s = _parse_time(args.time_limit)
-    system = load_system(args.system)
-    if args.nodes:
-        system = system.with_nodes(args.nodes)
+    system = load_system_nodes(args.system, args.nodes)
     trace = load_trace(args.trace)
     model = get_model(args.model or trace.meta.model)
     if model.num_experts != trace.meta.num_experts:

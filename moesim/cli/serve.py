@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from moesim.cli._common import float_in, int_in
+from moesim.cli._common import add_model_system_flags, float_in, int_in
 
 MAX_DEVICES = 1_000_000
 
@@ -14,9 +14,7 @@ MAX_DEVICES = 1_000_000
 def register(sub) -> None:
     p = sub.add_parser("serve", help="simulate serving a whole model: arrivals, continuous batching, KV cache",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="shipped config name (workloads/configs) or a config.json path")
-    p.add_argument("--system", default="dgx-h100", help="system spec name or a .toml path")
-    p.add_argument("--nodes", type=int_in(1, 4096), default=None, help="scale the system to this many nodes")
+    add_model_system_flags(p)
     p.add_argument("--tp", type=int_in(1, MAX_DEVICES), default=1, help="tensor parallel size")
     p.add_argument("--ep", type=int_in(1, MAX_DEVICES), default=1, help="expert parallel size (divides tp x dp)")
     p.add_argument("--dp", type=int_in(1, MAX_DEVICES), default=None,
@@ -37,6 +35,8 @@ def register(sub) -> None:
     p.add_argument("--ep-mode", default=None, help="standard (dispatch + combine all-to-all per layer) | coherent "
                    "(ExFlow's context-coherent EP: one all-to-all per layer, KV on every device of the EP group); "
                    "with --placement, times the all-to-alls from --trace on that placement")
+    p.add_argument("--coherent-kv", default="replicated", help="coherent mode's KV: replicated (every device of the "
+                   "EP group holds every request's KV, all-gathered per layer) | free (no copies: the mode's bound)")
     p.add_argument("--placement", default=None, help="expert placement method fitted on --trace (a 'moesim place' "
                    "method, e.g. contiguous, traffic, balance); default contiguous when --ep-mode is set")
     p.add_argument("--disaggregate", default=None, metavar="P:D",
@@ -140,7 +140,7 @@ def _replicas(args, system, cfg, sched, trace):
         layout = ServeLayout(tp=args.tp, ep=args.ep, dp=dp)
         ic = IterationCost(cfg, pool, layout, _cost(args, pool.device), dtype=args.dtype,
                            memory_fraction=args.memory_fraction, trace=trace, two_batch_overlap=args.two_batch_overlap,
-                           ep_comm=_ep_comm(args, cfg, pool, trace))
+                           **_placed(args, cfg, pool, trace))
         host = None
         if sched.preemption == "swap":
             blocks = ic.host_kv_capacity_blocks(sched.block_size, args.swap_space_gib * GiB)
@@ -150,10 +150,11 @@ def _replicas(args, system, cfg, sched, trace):
     return out
 
 
-def _ep_comm(args, cfg, pool, trace):
-    """The trace-and-placement all-to-alls of ``--ep-mode``/``--placement`` (None when neither is given)."""
+def _placed(args, cfg, pool, trace) -> dict:
+    """IterationCost arguments of ``--placement`` (the experts' placement, fitted on ``--trace``) and ``--ep-mode``
+    (the trace's all-to-alls on it, standard or context-coherent); empty when neither is given."""
     if args.ep_mode is None and args.placement is None:
-        return None
+        return {}
     from moesim.serve import exflow
     from moesim.serve.cost import ServeError
 
@@ -166,36 +167,33 @@ def _ep_comm(args, cfg, pool, trace):
         raise ServeError(f"--trace has {trace.meta.num_experts} experts per layer, --model {cfg.num_experts}")
     per_node = min(pool.devices_per_node, args.ep)
     placement = exflow.place(trace, args.placement or "contiguous", args.ep, per_node, seed=args.seed)
-    from moesim.serve.cost import kv_elements_per_token_layer
     from hwmodels.roofline import DTYPE_BYTES
+    from moesim.serve.cost import kv_elements_per_token_layer
+    if args.ep_mode is None:  # placement only: the training engine's MoE phases on it
+        return {"placement": placement}
     kv = kv_elements_per_token_layer(cfg, args.tp) * DTYPE_BYTES[args.dtype]
-    return exflow.ep_comm(cfg, pool, args.ep, trace, placement, mode, args.dtype, kv_bytes_per_token_layer=kv)
+    if args.coherent_kv not in ("replicated", "free"):
+        raise ServeError(f"--coherent-kv must be replicated or free, got {args.coherent_kv!r}")
+    comm = exflow.ep_comm(cfg, pool, args.ep, trace, placement, mode, args.dtype, kv_bytes_per_token_layer=kv,
+                          replicate_kv=args.coherent_kv == "replicated")
+    return {"placement": placement, "ep_comm": comm}
 
 
 def run(args) -> int:
     import time
-    import warnings
 
-    from hwmodels.specs import load_system
-    from moesim.cli._common import check_writable, progress_bar
+    from moesim.cli._common import check_writable, load_model_config, load_system_nodes, progress_bar
     from moesim.cli.simulate import refuse_existing_run
     from moesim.serve.engine import simulate
     from moesim.serve.metrics import summarise, time_breakdown
     from moesim.serve.scheduler import SchedulerConfig
-    from workloads.hf_config import ConfigWarning, load_config
 
     check_writable(args.out, directory=True)
     refuse_existing_run(args.out, args.force)
     if args.json:
         check_writable(args.json, flag="--json")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConfigWarning)
-        cfg = load_config(args.model)
-    for w in caught:
-        print(f"moesim serve: warning: {w.message}")
-    system = load_system(args.system)
-    if args.nodes:
-        system = system.with_nodes(args.nodes)
+    cfg = load_model_config(args.model, "moesim serve")
+    system = load_system_nodes(args.system, args.nodes)
     trace = None
     if args.trace:
         from workloads.importers import load_trace

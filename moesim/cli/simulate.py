@@ -12,6 +12,32 @@ MAX_NODES = 4096  # --nodes range; larger systems are also refused by the all-to
 MAX_MICRO_BATCHES = 4096
 
 
+class _LazyChoices:
+    """argparse ``choices`` read from their one home only when argparse checks or prints them (the modules that
+    hold them are slow to import, and every ``moesim`` command builds this parser)."""
+
+    def __init__(self, load):
+        self._load = load
+
+    def __contains__(self, value) -> bool:
+        return value in self._load()
+
+    def __iter__(self):
+        return iter(self._load())
+
+
+def _dtypes() -> list[str]:
+    from hwmodels.roofline import DTYPE_BYTES
+
+    return sorted(DTYPE_BYTES)
+
+
+def _comm_kernels() -> list[str]:
+    from hwmodels.collectives import COMM_KERNEL_SMS
+
+    return ["none", *COMM_KERNEL_SMS]
+
+
 def register(sub) -> None:
     p = sub.add_parser("simulate", help="replay a routing trace on a modelled system",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -24,6 +50,15 @@ def register(sub) -> None:
     p.add_argument("--micro-batches", type=int_in(1, MAX_MICRO_BATCHES), default=1,
                    help="parts each device's tokens of a step are cut into; they run concurrently and overlap")
     p.add_argument("--dtype", default="bf16", help="compute and activation dtype: bf16 | fp16 | fp8 | fp32")
+    p.add_argument("--dispatch-dtype", default=argparse.SUPPRESS, choices=_LazyChoices(_dtypes), metavar="DTYPE",
+                   help="dtype of the activations sent in the all-to-all dispatch, one of: %(choices)s "
+                   "(unset: --dtype; DeepEP sends fp8 with per-128-value scales)")
+    p.add_argument("--combine-dtype", default=argparse.SUPPRESS, choices=_LazyChoices(_dtypes), metavar="DTYPE",
+                   help="dtype of the expert outputs sent back in the all-to-all combine, one of: %(choices)s "
+                   "(unset: --dtype; DeepEP combines in bf16)")
+    p.add_argument("--comm-kernel", default=argparse.SUPPRESS, choices=_LazyChoices(_comm_kernels), metavar="KERNEL",
+                   help="communication kernel family whose SMs an overlapping all-to-all takes from compute, one of: "
+                   "%(choices)s ('none': no SMs; unset: the simulator's default family)")
     p.add_argument("--cost", default="default", help="cost model: default (the fitted GPU model where the device "
                    "spec ships fitted parameters, else roofline) | roofline | gpu-fitted | calibrated")
     p.add_argument("--profile", default=None, help="kernel-timing profile (.parquet) for --cost calibrated")
@@ -80,8 +115,7 @@ def refuse_existing_run(out: str, force: bool) -> None:
 
 def run(args) -> int:
     from hwmodels.cost import describe_cost
-    from hwmodels.specs import load_system
-    from moesim.cli._common import check_writable, progress_bar
+    from moesim.cli._common import check_writable, load_system_nodes, progress_bar
     from moesim.io import RUN_TRACE, write_run
     from moesim.sim import SimOptions, check_trace_fits_model, simulate
     from workloads.catalog import get_model
@@ -91,9 +125,7 @@ def run(args) -> int:
 
     check_writable(args.out, directory=True)
     refuse_existing_run(args.out, args.force)
-    system = load_system(args.system)
-    if args.nodes:
-        system = system.with_nodes(args.nodes)
+    system = load_system_nodes(args.system, args.nodes)
     stream = open_if_large(args.trace, allow_partial=args.allow_partial_trace)  # big .parquet: step by step
     trace = stream or load_trace(args.trace, allow_partial=args.allow_partial_trace)
     model = get_model(args.model or trace.meta.model)
@@ -103,12 +135,14 @@ def run(args) -> int:
     if getattr(cost, "dtype", args.dtype) != args.dtype:
         raise ValueError(f"--profile {args.profile} was measured in {cost.dtype}, not {args.dtype}; simulate with "
                          f"--dtype {cost.dtype} or calibrate with --dtype {args.dtype}")
-    options = SimOptions(micro_batches=args.micro_batches, dtype=args.dtype)
+    comm = {key: getattr(args, key) for key in ("dispatch_dtype", "combine_dtype", "comm_kernel")
+            if getattr(args, key, None) is not None}  # unset flags keep SimOptions' defaults
+    options = SimOptions(micro_batches=args.micro_batches, dtype=args.dtype, **comm)
     t0 = time.perf_counter()
     with progress_bar("simulating", unit="layer") as update:
         if stream is not None:
             result = replay_steps(system, model, placement, stream.steps(), cost=cost, options=options,
-                                  seed=args.seed, progress=update)
+                                  seed=args.seed, progress=update, expected_steps=stream.expected_steps)
         else:
             result = simulate(system, model, placement, trace, cost=cost, options=options, seed=args.seed,
                               progress=update)

@@ -6,15 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from moesim.cli._common import int_in
+from moesim.cli._common import add_model_system_flags, int_in
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="time one training step of a whole model (any Hugging Face config)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="shipped config name (workloads/configs) or a config.json path")
-    p.add_argument("--system", default="dgx-h100", help="system spec name or a .toml path")
-    p.add_argument("--nodes", type=int_in(1, 4096), default=None, help="scale the system to this many nodes")
+    add_model_system_flags(p)
     for flag, helptext in (("--tp", "tensor parallel size"), ("--pp", "pipeline parallel size"),
                            ("--dp", "data parallel size (default: devices / (tp x pp))"),
                            ("--ep", "expert parallel size (divides tp x dp)")):
@@ -33,14 +31,23 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="bf16", help="compute dtype: bf16 | fp16 | fp8 | fp32")
     p.add_argument("--trace", default=None, help="replay this routing trace (name or path, see 'moesim simulate'); "
                    "default: balanced routing")
+    p.add_argument("--routing", default=None, help="balanced | trace (replay --trace) | synthetic (per-step routing "
+                   "drawn from the generator fitted to --synth-from); default: trace with --trace, else balanced")
+    p.add_argument("--synth-from", default="default", help="trace the synthetic generator is fitted to (name or "
+                   "path, see 'moesim simulate'; default: the embedded FLAME-MoE trace)")
+    p.add_argument("--synth-tokens", type=int_in(1, 10_000_000), default=8192,
+                   help="tokens generated per routing sample (--routing synthetic)")
     p.add_argument("--routing-samples", type=int_in(1, 100000), default=4,
                    help="distinct routed micro-batches drawn from the trace")
     p.add_argument("--placement", default=None, help="expert placement JSON from 'moesim place' over the --ep "
                    "devices and the replayed trace layers (e.g. with EPLB-style replicas); default contiguous")
     p.add_argument("--expert-mode", default="ep", help="ep (expert parallel over --ep devices) | fssdp (Hecate's fully "
                    "sharded sparse data parallel over the same devices: experts gathered per step by the routing)")
+    p.add_argument("--fssdp-plan", default="oracle", help="loads FSSDP places experts by: oracle (all the step's "
+                   "routing samples) | first-sample (the first only; the others are unseen)")
     p.add_argument("--offload", default="none", help="none | optimizer (Adam states in host memory / DDR; the "
-                   "gradient and weight transfers and the update there go on the step)")
+                   "gradient and weight transfers and the update there go on the step) | weights (also the weights, "
+                   "streamed per layer)")
     p.add_argument("--layers", type=int_in(1, 100000), default=None,
                    help="simulate only the first K transformer layers")
     p.add_argument("--cost", default="default",
@@ -69,8 +76,34 @@ def _spec(args, num_devices: int):
     gbs = args.global_batch_size if args.global_batch_size is not None else 8 * args.micro_batch_size * dp
     return TrainSpec(parallel=par, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size, global_batch_size=gbs,
                      schedule=args.schedule, recompute=args.recompute, dtype=args.dtype,
-                     routing="trace" if args.trace else "balanced", routing_samples=args.routing_samples,
-                     expert_mode=args.expert_mode, offload=args.offload)
+                     routing=_routing(args), routing_samples=args.routing_samples,
+                     expert_mode=args.expert_mode, offload=args.offload, fssdp_plan=args.fssdp_plan)
+
+
+def _routing(args) -> str:
+    from moesim.train.spec import ROUTING, TrainError
+
+    routing = args.routing or ("trace" if args.trace else "balanced")
+    if routing not in ROUTING:
+        raise TrainError(f"--routing must be one of {', '.join(ROUTING)}, got {routing!r}")
+    if (routing == "trace") != bool(args.trace):
+        raise TrainError("--routing trace needs --trace" if routing == "trace" else
+                         f"--trace replays a trace: it needs --routing trace, not {routing!r} (the synthetic "
+                         "generator's source is --synth-from)")
+    return routing
+
+
+def _routing_trace(args, cfg, spec):
+    """The trace the step replays: --trace, one drawn from the generator fitted to --synth-from, or None."""
+    from workloads.importers import load_trace
+
+    if spec.routing == "trace":
+        return load_trace(args.trace)
+    if spec.routing == "synthetic":
+        from moesim.train.routing import synthetic_trace
+        return synthetic_trace(cfg, spec, load_trace(args.synth_from), seed=args.seed,
+                               tokens_per_sample=args.synth_tokens)
+    return None
 
 
 def _cost(args, device):
@@ -89,32 +122,19 @@ def _cost(args, device):
 
 
 def run(args) -> int:
-    import warnings
-
-    from hwmodels.specs import load_system
-    from moesim.cli._common import check_writable
+    from moesim.cli._common import check_writable, load_model_config, load_system_nodes
     from moesim.report.train import write_report
     from moesim.train.step import simulate_step
-    from workloads.hf_config import ConfigWarning, load_config
 
     check_writable(args.out, directory=True)
     if args.json:
         check_writable(args.json, flag="--json")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConfigWarning)
-        cfg = load_config(args.model)
-    for w in caught:
-        print(f"moesim train: warning: {w.message}")
+    cfg = load_model_config(args.model, "moesim train")
     if args.layers is not None:
         cfg = cfg.with_layers(args.layers)
-    system = load_system(args.system)
-    if args.nodes:
-        system = system.with_nodes(args.nodes)
+    system = load_system_nodes(args.system, args.nodes)
     spec = _spec(args, system.num_devices)
-    trace = None
-    if args.trace:
-        from workloads.importers import load_trace
-        trace = load_trace(args.trace)
+    trace = _routing_trace(args, cfg, spec)
     cost = _cost(args, system.device)
     placement = None
     if args.placement:
@@ -135,10 +155,11 @@ def run(args) -> int:
 
 
 def _variants(spec) -> list[tuple[str, object]]:
-    """One-change variants of ``spec``: other recomputation, schedule and ZeRO stage."""
+    """One-change variants of ``spec``: other recomputation, schedule, ZeRO stage, expert mode (ep > 1) and
+    optimizer offload."""
     import dataclasses
 
-    from moesim.train.spec import RECOMPUTE
+    from moesim.train.spec import EXPERT_MODES, OFFLOAD, RECOMPUTE
 
     par = spec.parallel
     out = [(f"recompute {r}", dataclasses.replace(spec, recompute=r)) for r in RECOMPUTE if r != spec.recompute]
@@ -146,6 +167,10 @@ def _variants(spec) -> list[tuple[str, object]]:
         if sched != spec.schedule and par.pp > 1:
             out.append((f"schedule {sched}", (sched, v)))
     out += [(f"zero {z}", ("zero", z)) for z in range(4) if z != par.zero]
+    if par.ep > 1:
+        out += [(f"expert mode {m}", dataclasses.replace(spec, expert_mode=m)) for m in EXPERT_MODES
+                if m != spec.expert_mode]
+    out += [(f"offload {o}", dataclasses.replace(spec, offload=o)) for o in OFFLOAD if o != spec.offload]
     return out
 
 
@@ -192,7 +217,9 @@ def _print_summary(r, out: Path) -> None:
     print(f"  {r.tokens_per_s:,.0f} tokens/s, {r.tokens_per_s_per_device:,.0f} tokens/s per device, MFU {r.mfu * 100:.1f} %")
     mem = r.memory_bytes
     cats = ", ".join(f"{k} {v / GB:.1f}" + ("" if tier == "hbm" else f" in {tier}")
-                     for k in ("weights", "gradients", "optimizer", "activations", "fssdp_buffers") if k in mem
+                     for k in ("weights", "gradients", "optimizer", "activations", "comm_buffers", "fssdp_buffers",
+                               "weight_buffers")
+                     if k in mem
                      for tier, v in mem[k].items())
     print(f"  memory per device (stage {mem['stage']}): {mem['total']['hbm'] / GB:.1f} GB of "
           f"{mem['capacity']['hbm'] / GB:.0f} GB ({cats} GB)")

@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from hwmodels.collectives import ring_time_s
 from hwmodels.specs import System
 from moebase.units import DEFAULT_DTYPE, DTYPE_BYTES, GB
 from moesim.memory.tiers import MemoryError_, MemoryHierarchy
@@ -95,21 +96,30 @@ def two_step_route(prompt_categories: np.ndarray, category_to_expert: np.ndarray
     return experts
 
 
+def zipf_route(n: int, num_experts: int, rng: np.random.Generator, *, zipf_s: float = 1.0,
+               num_categories: int | None = None,
+               category_to_expert: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Category [n] and expert [n] of ``n`` requests. Step 1 draws categories with Zipf(``zipf_s``) popularity
+    (the popular categories are a random permutation, not the low ids); step 2 maps them through
+    ``category_to_expert`` (default: category c -> expert c mod num_experts) with :func:`two_step_route`."""
+    c = num_categories or num_experts
+    weights = 1.0 / np.arange(1, c + 1) ** zipf_s
+    perm = rng.permutation(c)
+    cats = perm[rng.choice(c, size=n, p=weights / weights.sum())]
+    table = np.arange(c) % num_experts if category_to_expert is None else np.asarray(category_to_expert)
+    return cats, two_step_route(cats, table, num_experts)
+
+
 def make_requests(num_requests: int, num_experts: int, rng: np.random.Generator, *, num_categories: int | None = None,
                   rate_per_s: float = 20.0, zipf_s: float = 1.0, prompt_tokens: int = 128, output_tokens: int = 20,
                   category_to_expert: np.ndarray | None = None) -> list[Request]:
-    """A Poisson stream of requests. Step 1 (prompt -> category) draws categories with Zipf(``zipf_s``)
-    popularity; step 2 maps category -> expert (default: category c -> expert c mod num_experts)."""
+    """A Poisson stream of requests routed by :func:`zipf_route` (prompt -> category -> expert)."""
     if num_requests < 0 or num_experts < 1:
         raise MemoryError_(f"need num_requests >= 0 and num_experts >= 1, got {num_requests}, {num_experts}")
     if rate_per_s <= 0:
         raise MemoryError_(f"rate_per_s must be > 0, got {rate_per_s}")
-    c = num_categories or num_experts
-    weights = 1.0 / np.arange(1, c + 1) ** zipf_s
-    perm = rng.permutation(c)  # popular categories are not the low ids
-    cats = perm[rng.choice(c, size=num_requests, p=weights / weights.sum())]
-    table = np.arange(c) % num_experts if category_to_expert is None else np.asarray(category_to_expert)
-    experts = two_step_route(cats, table, num_experts)
+    cats, experts = zipf_route(num_requests, num_experts, rng, zipf_s=zipf_s, num_categories=num_categories,
+                               category_to_expert=category_to_expert)
     arrivals = np.cumsum(rng.exponential(1.0 / rate_per_s, size=num_requests))
     return [Request(i, float(arrivals[i]), int(cats[i]), int(experts[i]), prompt_tokens, output_tokens)
             for i in range(num_requests)]
@@ -170,7 +180,7 @@ class Deployment:
         if p == 1 or self.tp_link_bandwidth_bytes_per_s <= 0 or model.num_layers == 0:
             return 0.0
         nbytes = tokens * model.hidden_size * model.dtype_bytes
-        one = 2 * (p - 1) / p * nbytes / self.tp_link_bandwidth_bytes_per_s + 2 * (p - 1) * self.tp_link_latency_s
+        one = ring_time_s("all_reduce", nbytes, p, self.tp_link_bandwidth_bytes_per_s, self.tp_link_latency_s)
         return model.num_layers * self.allreduces_per_layer * one
 
     def slots(self, model: ExpertModel) -> int:

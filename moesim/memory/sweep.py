@@ -42,12 +42,31 @@ def machine_cost_usd(h: MemoryHierarchy, prices: dict | None = None, tiers: tupl
     return total
 
 
-def pareto_front(cost: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """Mask [n] of points not dominated: no other point has cost <= and value >= with one strict."""
-    cost, value = np.asarray(cost, dtype=float), np.asarray(value, dtype=float)
-    n = len(cost)
-    mask = np.ones(n, dtype=bool)
-    for i in range(n):
-        dom = (cost <= cost[i]) & (value >= value[i]) & ((cost < cost[i]) | (value > value[i]))
-        mask[i] = not dom.any()
+def pareto_front(cost, value) -> np.ndarray:
+    """Mask [n]: True for the points on the Pareto front of low ``cost`` and high ``value``. The one place of
+    this rule (study and memory reports, ``moesim memory sweep`` call it).
+
+    A point is dominated when another has ``cost <=`` and ``value >=`` with at least one strict; the front
+    is every point that is not. Ties: points with identical (cost, value) do not dominate each other, so
+    all copies of a non-dominated point are kept. O(n log n): sort by cost, then within each group of equal
+    cost keep the points at the group's highest value if it beats every strictly cheaper point.
+    NaN or different lengths raise ValueError (a NaN point could neither be ranked nor be dropped silently).
+    """
+    cost, value = np.asarray(cost, dtype=float).ravel(), np.asarray(value, dtype=float).ravel()
+    if cost.shape != value.shape:
+        raise ValueError(f"pareto_front: cost has {cost.size} points but value has {value.size}")
+    for name, arr in (("cost", cost), ("value", value)):
+        if np.isnan(arr).any():
+            raise ValueError(f"pareto_front: {name} is NaN at index {int(np.flatnonzero(np.isnan(arr))[0])}")
+    mask = np.zeros(cost.size, dtype=bool)
+    if cost.size == 0:
+        return mask
+    order = np.argsort(cost, kind="stable")
+    c, v = cost[order], value[order]
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])  # first index of each group of equal cost
+    group_best = np.maximum.reduceat(v, starts)
+    cheaper_best = np.r_[-np.inf, np.maximum.accumulate(group_best)[:-1]]  # best value at lower cost
+    group = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, c.size]))
+    beats_cheaper = (v > cheaper_best[group]) | (group == 0)  # the cheapest group has nothing cheaper
+    mask[order] = (v == group_best[group]) & beats_cheaper
     return mask

@@ -17,6 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from moesim.memory.sweep import pareto_front
 from moesim.report.html import table_html
 
 OP_COLORS = {"router": "#636efa", "dispatch": "#ef553b", "shared_ffn": "#00cc96", "expert_ffn": "#ab63fa",
@@ -38,26 +39,13 @@ window.addEventListener('load',function(){setTimeout(moesimStatus,50);});
 </script>"""
 
 
-def pareto_mask(cost: np.ndarray, throughput: np.ndarray) -> np.ndarray:
-    """[N] bool: True where no other point is at most as costly and strictly faster (or cheaper and as fast)."""
-    cost, throughput = np.asarray(cost, float), np.asarray(throughput, float)
-    order = np.lexsort((-throughput, cost))
-    mask = np.zeros(len(cost), dtype=bool)
-    best = -np.inf
-    for i in order:
-        if throughput[i] > best:
-            mask[i] = True
-            best = throughput[i]
-    return mask
-
-
 def _label(row, varied) -> str:
     """A configuration's label for hovers and the dropdown, escaped (Plotly renders HTML-like tags)."""
     return _html.escape(", ".join(f"{k}={row[k]}" for k in varied) or str(row["config_id"]))
 
 
 def pareto_figure(df: pd.DataFrame, varied) -> go.Figure:
-    mask = pareto_mask(df["cost_usd_per_hour"], df["throughput_tokens_per_s"])
+    mask = pareto_front(df["cost_usd_per_hour"], df["throughput_tokens_per_s"])
     labels = [_label(r, varied) for _, r in df.iterrows()]
     front = df[mask].sort_values("cost_usd_per_hour")
     fig = go.Figure([
@@ -92,7 +80,7 @@ def parcoords_figure(df: pd.DataFrame, varied) -> go.Figure:
 
 def _drill_rows(df: pd.DataFrame, n: int) -> pd.DataFrame:
     """The Pareto-front configurations first, then the fastest others, at most ``n``."""
-    mask = pareto_mask(df["cost_usd_per_hour"], df["throughput_tokens_per_s"])
+    mask = pareto_front(df["cost_usd_per_hour"], df["throughput_tokens_per_s"])
     front = df[mask].sort_values("cost_usd_per_hour")
     rest = df[~mask].sort_values("throughput_tokens_per_s", ascending=False)
     return pd.concat([front, rest]).head(n)
@@ -164,7 +152,7 @@ def write_study_report(study, out: str | Path | None = None, *, drill: int = 24,
     out = Path(out) if out else study.path / "report.html"
     top = df.sort_values("throughput_tokens_per_s", ascending=False).head(10)
     cols = ["config_id", *varied, "throughput_tokens_per_s", "cost_usd_per_hour", "usd_per_million_tokens",
-            "imbalance_mean", "comm_fraction", "hbm_fits"]
+            "imbalance_mean", "comm_fraction", "hbm_fits", *[c for c in ("cost_model",) if c in df.columns]]
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_html.escape(study.name)}</title>", ERROR_HOOK,
              "<style>body{font-family:system-ui,sans-serif;margin:24px;max-width:1400px}"
              "h2{margin-top:36px;border-bottom:1px solid #ddd}table{border-collapse:collapse}"
@@ -173,7 +161,8 @@ def write_study_report(study, out: str | Path | None = None, *, drill: int = 24,
              f"<h1>Study {_html.escape(study.name)}</h1><p>{_html.escape(study.description)}</p>",
              f"<p>{len(df)} configurations, engine <b>{_html.escape(study.engine)}</b>, seed {study.seed}; varied: "
              f"{_html.escape(', '.join(varied))}.</p>",
-             "<h2>Fastest configurations</h2>", table_html([{c: r[c] for c in cols} for _, r in top.iterrows()])]
+             _cost_html(df), "<h2>Fastest configurations</h2>",
+             table_html([{c: r[c] for c in cols} for _, r in top.iterrows()])]
     for n, (heading, fig) in enumerate(figures):
         parts.append(f"<h2>{_html.escape(heading)}</h2>")
         parts.append(pio.to_html(fig, full_html=False, include_plotlyjs=n == 0, div_id=f"fig-{n}",
@@ -184,6 +173,15 @@ def write_study_report(study, out: str | Path | None = None, *, drill: int = 24,
     if png_dir is not None:
         export_png(figures, png_dir)
     return out
+
+
+def _cost_html(df: pd.DataFrame) -> str:
+    """Which cost models ran, with their provenance (column ``cost_description`` of the rows), escaped."""
+    if "cost_description" not in df.columns:
+        return ""
+    items = "".join(f"<li>{_html.escape(str(d))}</li>" for d in df["cost_description"].dropna().unique())
+    return ("<p>Cost models that ran (columns <code>cost_model</code>, <code>cost_description</code>):</p>"
+            f"<ul>{items}</ul>")
 
 
 def export_png(figures, png_dir: str | Path) -> list[Path]:

@@ -53,7 +53,7 @@ def _timeline_figure(result: TrainResult) -> go.Figure:
 def _memory_figure(result: TrainResult) -> go.Figure:
     stages = result.memory_per_stage
     fig = go.Figure()
-    for cat in ("weights", "gradients", "optimizer", "activations", "fssdp_buffers"):  # HBM only (offloaded: absent)
+    for cat in ("weights", "gradients", "optimizer", "activations", "comm_buffers", "fssdp_buffers", "weight_buffers"):  # HBM only (offloaded: absent)
         if any(cat in s for s in stages):
             fig.add_bar(x=[s["stage"] for s in stages], y=[s.get(cat, 0.0) / GB for s in stages], name=cat)
     cap = result.memory_bytes["capacity"]["hbm"] / GB

@@ -85,12 +85,13 @@ def gpu_fidelity_sections(res: dict) -> list:
         secs.append((f"Predicted vs measured GEMM time (us), {gpu}, held-out models",
                      _scatter_measured_predicted(groups, "measured (us)", "predicted (us)")))
     dg = res["deepgemm"]
-    secs.append(("DeepGEMM FP8 grouped GEMMs on H800 (not fitted: H100 fp16 efficiencies, fp8 peak)",
+    secs.append(("DeepGEMM FP8 GEMMs on H800 (fp8 efficiencies fitted on the dense table, role 'fit'; grouped "
+                 "contiguous and masked tables held out)",
                  table_html(dg.round(2).to_dict("records"))))
     secs.append(("DeepGEMM: published vs predicted TFLOPS", _scatter_measured_predicted(
-        [(layout, g["published_tflops"], g["predicted_tflops"],
+        [(f"{layout} ({role})", g["published_tflops"], g["predicted_tflops"],
           g["groups"].astype(str) + "x" + g["m_per_group"].astype(str) + " n=" + g["n"].astype(str) + " k="
-          + g["k"].astype(str)) for layout, g in dg.groupby("layout")],
+          + g["k"].astype(str)) for (layout, role), g in dg.groupby(["layout", "role"])],
         "published (TFLOPS)", "predicted (TFLOPS)", log=False)))
     llm = res["llmcompass"]
     secs.append(("LLMCompass A100 matmul sweep (held out; A100 fit from Vidur on each A100 spec)",

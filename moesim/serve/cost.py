@@ -176,6 +176,7 @@ class IterationCost:
     interp_tol: float = 0.005
     two_batch_overlap: bool = False
     ep_comm: object | None = None  # moesim.serve.exflow.EPComm: trace-and-placement all-to-alls (standard/coherent)
+    placement: object | None = None  # moesim.placement.Placement of the trace's layers (trace routing only)
     _linear: dict = field(default_factory=dict, repr=False)
     _parts: dict = field(default_factory=dict, repr=False)
     _accepted: set = field(default_factory=set, repr=False)
@@ -232,7 +233,7 @@ class IterationCost:
     def kv_replicas(self) -> int:
         """Copies of a rank's KV: 1, or the EP group's ranks in context-coherent mode (every device of the
         group holds every request's KV)."""
-        if self.ep_comm is not None and self.ep_comm.mode == "coherent":
+        if self.ep_comm is not None and self.ep_comm.mode == "coherent" and getattr(self.ep_comm, "replicate_kv", True):
             return max(1, self.layout.ep // self.layout.tp)
         return 1
 
@@ -297,11 +298,12 @@ class IterationCost:
 
     def _moe_times(self, tokens: int):
         """The training engine's MoE phases for ``tokens`` per rank: balanced routing unless a routing ``trace`` is
-        given (then MoE layer j replays trace layer j mod its layers, one sample)."""
+        given (then MoE layer j replays trace layer j mod its layers, one sample, on ``placement`` if set, else
+        the contiguous one)."""
         spec = TrainSpec(parallel=self.layout.parallel(), seq_len=tokens, micro_batch_size=1,
                          global_batch_size=self.layout.dp, dtype=self.dtype,
                          routing="trace" if self.trace is not None else "balanced", routing_samples=1)
-        return moe_times(self.cfg, self.system, spec, self.cost, self.trace)
+        return moe_times(self.cfg, self.system, spec, self.cost, self.trace, placement=self.placement)
 
     def _linear_at(self, t: int) -> float:
         v = self._linear.get(t)
@@ -367,9 +369,13 @@ class IterationCost:
     def iteration_s(self, w: BatchWork) -> float:
         """Seconds of one iteration doing ``w``, the whole batch of the ``dp`` ranks split evenly over them (the
         pooled model; the engine's explicit ranks use :meth:`ranks_iteration_s`)."""
+        return self.rank_s(self.rank_share(w))
+
+    def rank_share(self, w: BatchWork) -> BatchWork:
+        """One rank's share of the whole batch ``w`` split evenly over the ``dp`` ranks (the pooled model)."""
         dp = self.layout.dp
-        return self.rank_s(BatchWork(-(-w.tokens // dp), -(-w.sampled // dp), w.attention_pairs / dp,
-                                     w.kv_tokens_read / dp, w.swap_tokens / dp))
+        return BatchWork(-(-w.tokens // dp), -(-w.sampled // dp), w.attention_pairs / dp, w.kv_tokens_read / dp,
+                         w.swap_tokens / dp)
 
     def ranks_iteration_s(self, works: list[BatchWork]) -> float:
         """Seconds of one iteration of the ``dp`` ranks doing ``works`` (one each) in lock step: the slowest

@@ -79,7 +79,8 @@ class ServeResult:
     of its last replica); ``iterations``: dict of arrays, one row per iteration (:data:`ITERATION_COLUMNS`;
     KV columns summed over ranks, and the fullest rank's; ``kv_host_used_blocks``: host blocks holding swapped
     KV once the iteration's swaps are planned; ``attention_pairs``, ``kv_tokens_read``: the batch's attention work; ``slowest_rank`` and its work
-    (``slowest_rank_*``): the rank whose time set the lock-step iteration, when the cost has ``rank_s``)."""
+    (``slowest_rank_*``): the rank whose time set the lock-step iteration, when the cost has ``rank_s``; with
+    one scheduler, the cost's ``rank_share`` of the batch when it pools ranks)."""
 
     requests: Requests
     scheduled_at_s: np.ndarray
@@ -189,21 +190,26 @@ class _Sim:
         if not any(len(p.ids) for p in plans):
             return
         works = [_work(p) for p in plans]
-        slow = 0
-        if hasattr(rep.cost, "rank_s"):  # per-rank times: the slowest rank sets the lock-step iteration
+        slow, slow_work = 0, works[0]
+        if len(works) == 1:  # one scheduler: the cost may pool the batch over its ranks (rank_share)
+            dt = float(rep.cost.iteration_s(works[0]))
+            if hasattr(rep.cost, "rank_share"):
+                slow_work = rep.cost.rank_share(works[0])
+        elif hasattr(rep.cost, "rank_s"):  # per-rank times: the slowest rank sets the lock-step iteration
             times = [rep.cost.rank_s(w) for w in works]
             slow = int(np.argmax(times))
-            dt = float(times[slow])
+            dt, slow_work = float(times[slow]), works[slow]
         else:
-            dt = float(rep.cost.iteration_s(works[0]) if len(works) == 1 else rep.cost.ranks_iteration_s(works))
+            dt = float(rep.cost.ranks_iteration_s(works))
         if not dt > 0:
             raise ValueError(f"iteration time {dt} s is not positive: check the system spec's bandwidths and peaks")
-        self.record(rep, plans, works, dt, slow)
+        self.record(rep, plans, works, dt, slow, slow_work)
         rep.clock_s += dt
         for part, p in zip(rep.parts, plans):
             self.apply(rep, part, p)
 
-    def record(self, rep: Replica, plans: list[Plan], works: list[BatchWork], dt: float, slow: int) -> None:
+    def record(self, rep: Replica, plans: list[Plan], works: list[BatchWork], dt: float, slow: int,
+               sw: BatchWork) -> None:
         st = rep.parts[0].state  # per-request arrays are shared by every rank
         decode = 0
         for p in plans:
@@ -221,8 +227,7 @@ class _Sim:
                      sum(p.swap_out_tokens for p in plans), sum(p.swap_in_tokens for p in plans),
                      sum(part.host.used_blocks for part in rep.parts if part.host is not None),
                      sum(w.attention_pairs for w in works), sum(w.kv_tokens_read for w in works), slow,
-                     works[slow].tokens, works[slow].sampled, works[slow].attention_pairs, works[slow].kv_tokens_read,
-                     works[slow].swap_tokens)
+                     sw.tokens, sw.sampled, sw.attention_pairs, sw.kv_tokens_read, sw.swap_tokens)
 
     def apply(self, rep: Replica, part: Rank, p: Plan) -> None:
         st, end = part.state, rep.clock_s

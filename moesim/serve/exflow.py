@@ -113,14 +113,16 @@ class EPComm:
     ``pairs``: :func:`pair_tokens` of the mode; ``routing``: the EP group's all-to-all routes
     (:func:`hwmodels.topology.all_to_all_routing`); ``bytes_per_token``: one token's activation on the wire;
     ``kv_bytes_per_token_layer``: KV bytes of one token in one layer (coherent mode all-gathers the new
-    tokens' KV to every device of the group once per layer; 0 to leave it out). Model MoE layer j uses trace
-    layer j mod (trace layers)."""
+    tokens' KV to every device of the group once per layer; 0 to leave it out); ``replicate_kv`` False: context
+    coherence for free (no KV copies: the bound of the mode's gain). Model MoE layer j uses trace layer j mod
+    (trace layers)."""
 
     pairs: dict[str, np.ndarray]
     routing: object
     bytes_per_token: float
     mode: str
     kv_bytes_per_token_layer: float = 0.0
+    replicate_kv: bool = True  # coherent mode: every device of the group holds every request's KV
     _memo: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -184,7 +186,7 @@ def place(trace, method: str, num_devices: int, devices_per_node: int, seed: int
 
 
 def ep_comm(cfg, system, ep: int, trace, placement: Placement, mode: str, dtype: str,
-            kv_bytes_per_token_layer: float = 0.0, eval_trace=None) -> EPComm:
+            kv_bytes_per_token_layer: float = 0.0, eval_trace=None, replicate_kv: bool = True) -> EPComm:
     """An :class:`EPComm` for ``cfg`` with experts placed by ``placement`` over the first ``ep`` devices of
     ``system``, token movement measured on ``eval_trace`` (default ``trace``)."""
     from hwmodels.collectives import a2a_payload_bytes
@@ -198,4 +200,5 @@ def ep_comm(cfg, system, ep: int, trace, placement: Placement, mode: str, dtype:
     pairs = pair_tokens(eval_trace if eval_trace is not None else trace, expert_device(placement), ep, mode)
     routing = all_to_all_routing(group_system(system, ep))
     return EPComm(pairs, routing, a2a_payload_bytes(1, cfg.hidden_size, dtype), mode,
-                  kv_bytes_per_token_layer if mode == "coherent" else 0.0)
+                  kv_bytes_per_token_layer if mode == "coherent" and replicate_kv else 0.0,
+                  replicate_kv=replicate_kv)

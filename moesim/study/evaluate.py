@@ -6,7 +6,9 @@ Outputs (units in names): ``total_time_s`` (replayed MoE-layer makespan), ``memo
 ``imbalance_mean``/``imbalance_max`` (tokens per device, max/mean), ``comm_fraction``, bytes per
 link kind, ``expert_weight_bytes_per_device`` (max over devices), ``hbm_fits``, ``hbm_cache_experts``,
 ``hbm_hit_rate``, ``hbm_fetch_bytes_per_step``, ``memory_bottleneck_device``, ``memory_backing_tier``,
-``sram_hit_fraction``.
+``sram_hit_fraction``, ``cost_model`` (the cost model that ran: ``cost = "default"`` is the device's default,
+:func:`hwmodels.cost.default_cost_model`, as in ``moesim simulate``) and ``cost_description`` (its provenance:
+what it was fitted on and its validated error, :func:`hwmodels.cost.describe_cost`).
 
 Memory model: the expert-cache simulator of ``moesim.memory`` (:func:`moesim.memory.evaluator.evaluate_placed`).
 A device holds the weights of the expert slots the placement gives it, for every MoE layer (routed
@@ -64,6 +66,13 @@ def _system(name: str, nodes: int):
 def _a2a(name: str, nodes: int):
     from hwmodels.topology import all_to_all_routing
     return all_to_all_routing(_system(name, nodes))
+
+
+@lru_cache(maxsize=16)
+def _cost(name: str, system: str, nodes: int):
+    """The cost model ``name`` (``default``: the device's, as ``moesim simulate``; :func:`hwmodels.cost.cost_model`)."""
+    from hwmodels.cost import cost_model
+    return cost_model(name, _system(system, nodes).device)
 
 
 @lru_cache(maxsize=8)
@@ -147,7 +156,7 @@ def evaluate(config: dict, engine: str, seed: int) -> dict:
     from moesim.analytic import estimate
     from moesim.sim import SimOptions, simulate
     from moesim.study.traffic import drill_tokens
-    from hwmodels.cost import COST_MODELS
+    from hwmodels.cost import describe_cost
 
     t0 = time.perf_counter()
     if engine == "memory":  # expert offloading on one device (moesim.study.memory)
@@ -164,9 +173,7 @@ def evaluate(config: dict, engine: str, seed: int) -> dict:
     trace = _traffic(config["traffic"], config["model"], config["tokens"], config["steps"], seed)
     fit = _traffic(config["traffic"], config["model"], config["tokens"], 1, seed + 1)  # placement fitted on other tokens
     placement = _placement(config["placement"], fit, system, config["replicas"], seed)
-    if config["cost"] not in COST_MODELS or config["cost"] != "roofline":
-        raise ValueError(f"cost model {config['cost']!r} is not usable in studies (known: roofline)")
-    cost = COST_MODELS["roofline"]()
+    cost = _cost(config["cost"], config["system"], config["nodes"])
     options = SimOptions(micro_batches=config["micro_batches"], dtype=config["dtype"],
                          overlap_micro_batches=config["overlap_micro_batches"], replica_routing=config["replica_routing"])
     if engine == "analytic":
@@ -185,6 +192,8 @@ def evaluate(config: dict, engine: str, seed: int) -> dict:
     imb = result.imbalance
     row = {"config_id": config_id(config, engine, seed), **{k: config[k] for k in PARAMETERS},
            "engine": engine, "seed": seed, "num_devices": system.num_devices, "device": system.device.name,
+           "cost_model": getattr(cost, "name", type(cost).__name__),
+           "cost_description": describe_cost(cost, system.device, config["dtype"], system=system),
            "total_time_s": result.total_time_s, **mem,
            "step_time_s": busy / config["steps"], "throughput_tokens_per_s": tokens / busy if busy > 0 else 0.0,
            "cost_usd_per_hour": price,

@@ -49,7 +49,7 @@ PARAMETERS: dict[str, Any] = {
     "micro_batches": 1,
     "overlap_micro_batches": True,
     "dtype": DEFAULT_DTYPE,
-    "cost": "roofline",
+    "cost": "default",             # default (the device's, as `moesim simulate`) | a name of hwmodels.cost.cost_names()
     "hbm_capacity_bytes": 0.0,     # 0 = the device spec's HBM (main memory) capacity
     "sram_capacity_bytes": 0.0,    # 0 = the device spec's SRAM tier (0 if none)
     "cache_policy": "lru",         # expert-cache policy of HBM (and SRAM): a key of moesim.memory.cache.CACHE_POLICIES
@@ -85,6 +85,8 @@ TRAIN_PARAMETERS: dict[str, Any] = {
     "routing": "balanced",         # balanced | table:<SGLang table>[:options] | a trace spec
     "routing_samples": 4,
     "expert_mode": "ep",           # ep | fssdp
+    "fssdp_plan": "oracle",        # oracle | first-sample (moesim.train.fssdp)
+    "offload": "none",             # none | optimizer | weights (moesim.train.offload)
     "cost": "default",             # default (the device's) | roofline | gpu-fitted
     "comm_sms": 0,                 # SMs the overlapped all-to-all holds (0: none)
 }
@@ -133,10 +135,20 @@ def _check_value(where: str, key: str, value: Any, params: dict[str, Any] = PARA
         value = float(value) if ok else value
     else:
         ok = isinstance(value, str) and value != ""
+    if ok and key == "cost":
+        _check_cost(where, value)
     if not ok:
         kind = {bool: "true/false", int: "a positive integer", float: "a non-negative number", str: "a non-empty string"}[type(default)]
         raise ValueError(f"{where}: key {key!r} must be {kind}, got {value!r}")
     return value
+
+
+def _check_cost(where: str, name: str) -> None:
+    from hwmodels.cost import cost_names
+
+    if name not in cost_names():
+        raise ValueError(f"{where}: key 'cost': unknown cost model {name!r} "
+                         f"(known in studies: {', '.join(cost_names())})")
 
 
 def _read(path: Path) -> dict:

@@ -19,7 +19,8 @@ DGX node; :func:`fitted_collectives` matches a fabric by GPU fit and scale-up li
 
 - all-reduce inside a node: the fitted LL/Simple ring all-reduce (:func:`hwmodels.collectives.all_reduce_time_s`);
 - reduce-scatter and all-gather inside a node: half of that ring (``(n-1)`` steps, ``(n-1)/n`` of the bytes)
-  with the same fitted protocol parameters (derived from the all-reduce fit, not measured apart);
+  with the same fitted protocol parameters (derived from the all-reduce fit, not measured apart;
+  :func:`hwmodels.collectives.all_to_all_time_s`);
 - send/recv: the fitted intra-node or inter-node point-to-point line;
 - anything else (collectives across nodes, systems without a fit): the ring on the spec links above.
 
@@ -33,7 +34,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from hwmodels.collectives import (FABRIC_SYSTEMS, NCCL_FIT_FILE, AllReduceParams, ProtocolParams, all_reduce_time_s,
-                                  read_collective_fits, scale_to_link, send_recv_time_s)
+                                  all_to_all_time_s, read_collective_fits, scale_to_link, send_recv_time_s)
+from hwmodels.collectives import ring_time_s as spec_ring_time_s
 from hwmodels.gpu_cost import FIT_DIR
 from hwmodels.specs import Link, System, load_system
 
@@ -128,9 +130,7 @@ def _fitted_time_s(fit: FittedCollectives, kind: str, nbytes: float, size: int, 
         return None
     if kind == "all_reduce":
         return float(all_reduce_time_s(nbytes, size, fit.all_reduce))
-    n = float(size)
-    return min(p.latency_s + (n - 1) * p.hop_s + (n - 1) / n * nbytes / p.bus_bandwidth_bytes_per_s
-               for p in (fit.all_reduce.ll, fit.all_reduce.simple))
+    return float(all_to_all_time_s(nbytes, size, fit.all_reduce))  # the same n - 1 steps of nbytes / n
 
 
 def collective_time_s(system: System, kind: str, nbytes: float, size: int, stride: int = 1) -> float:
@@ -152,8 +152,4 @@ def ring_time_s(system: System, kind: str, nbytes: float, size: int, stride: int
     if size <= 1 or nbytes <= 0:
         return 0.0
     link = group_link(system, size, stride)
-    bw, lat = link.bandwidth_bytes_per_s, link.latency_s
-    if kind == "send_recv":
-        return nbytes / bw + lat
-    steps = (size - 1) * (2 if kind == "all_reduce" else 1)
-    return steps / size * nbytes / bw + steps * lat
+    return spec_ring_time_s(kind, nbytes, size, link.bandwidth_bytes_per_s, link.latency_s)

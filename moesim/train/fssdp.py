@@ -15,8 +15,9 @@ moesim's form, over the ``--ep`` devices of an expert group (``n`` = ep):
   step's routing samples) are materialised; an expert with more load than a device's fair share (total / n)
   in ``ceil(load / share)`` copies on distinct devices (a hot expert's tokens split evenly over its copies),
   the copies assigned longest-processing-time first to the least-loaded device; untouched experts are not
-  materialised. The loads are the step's own (an oracle: Hecate plans its placement from the loads it
-  observes; its exact replication and heterogeneous-sharding policy is not reproduced);
+  materialised. The loads are the step's own (``fssdp_plan="oracle"``: Hecate plans its placement from the
+  loads it observes; its exact replication and heterogeneous-sharding policy is not reproduced) or only the
+  first routing sample's (``"first-sample"``: a plan made on one batch and used on the others);
 - bytes moved per MoE layer and step: the sparse all-gather brings each materialised copy's missing
   ``(n - 1) / n`` to its device, ``P_e * weight_bytes * (n - 1) / n`` per copy, and the sparse
   reduce-scatter sends the same share of its gradient back: ``P_e * grad_bytes * (n - 1) / n``. ``P_e`` = 3
@@ -42,13 +43,14 @@ import numpy as np
 from hwmodels.specs import System
 from moesim.placement import Placement, contiguous
 from moesim.train.collectives import group_link
+from workloads.catalog import swiglu_params
 from workloads.hf_config import ModelConfig
 from workloads.trace import Trace
 
 
 def expert_params(cfg: ModelConfig) -> float:
     """Parameters of one routed expert: gate, up and down projections."""
-    return 3.0 * cfg.hidden_size * cfg.moe_intermediate_size
+    return float(swiglu_params(cfg.hidden_size, cfg.moe_intermediate_size))
 
 
 def replica_counts(load: np.ndarray, devices: int) -> np.ndarray:
@@ -93,17 +95,13 @@ def lpt_placement(load: np.ndarray, devices: int) -> Placement:
     return Placement.from_slot_to_expert(s2e, experts, per, name="fssdp-lpt")
 
 
-def trace_expert_load(sampled: Trace, layers: int, num_experts: int) -> np.ndarray:
-    """[layers, experts] (token, expert) choices of a sampled trace, summed over its samples."""
-    c = sampled.columns
-    keys = c["layer"].astype(np.int64) * num_experts + c["expert"].astype(np.int64)
-    return np.bincount(keys, minlength=layers * num_experts)[:layers * num_experts].reshape(layers, num_experts)
-
-
-def placement_from_trace(devices: int, num_experts: int):
-    """The callable :func:`moesim.train.moe.moe_times` calls with the sampled trace: the LPT placement."""
-    def build(sampled: Trace, layers: int) -> Placement:
-        return lpt_placement(trace_expert_load(sampled, layers, num_experts), devices)
+def placement_from_trace(devices: int, plan: str = "oracle"):
+    """The callable :func:`moesim.train.moe.moe_times` calls with the sampled trace: the LPT placement from the
+    loads of all the step's routing samples (``oracle``) or of its first sample only (``first-sample``: planned on
+    one batch, then used for batches it has not seen, as a placement planned ahead of the step would be)."""
+    def build(sampled: Trace, layers: int) -> Placement:  # the sampled trace holds ``layers`` layers
+        rows = sampled.select(sampled.columns["step"] == 0) if plan == "first-sample" else sampled
+        return lpt_placement(rows.expert_load(), devices)
     return build
 
 

@@ -24,15 +24,25 @@ ranks with sequence parallelism, ``e`` bytes per element; heads per device as in
 - ``full`` recomputation keeps only each block's input ``t h e / tp`` and, during one block's
   backward, that block's full set.
 
-The last stage adds the fp32 logits ``t V / tp * 4`` of one micro-batch. Communication buffers are not
-counted.
+The last stage adds the fp32 logits ``t V / tp * 4`` of one micro-batch.
+
+Communication buffers (category ``comm_buffers``, transient, one micro-batch's): the all-to-all's receive
+buffer of the dispatch and send buffer of the combine on the busiest device, ``x h`` elements each in their
+wire dtypes (:func:`hwmodels.collectives.a2a_payload_bytes`: FP8 dispatch with its scales under FP8
+training, BF16 combine); or, if larger, the sequence-parallel all-gather's output ``t h e`` (tp > 1); plus,
+with pipeline parallelism, a send and a receive buffer of the activation shard ``2 t h e / tp``. NCCL's own
+internal buffers and gradient buckets (views of the gradient buffer in Megatron) are not counted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hwmodels.collectives import a2a_payload_bytes
+from hwmodels.roofline import DTYPE_BYTES
 from moesim.train.layers import FP32_BYTES, Shape, attention_dims, attention_linears
+from moesim.train.ops import precise_dtype
+from workloads.catalog import swiglu_params
 from workloads.hf_config import ModelConfig
 
 WEIGHT_BYTES, GRAD_BYTES, ADAM_STATE_BYTES = 2, 2, 12
@@ -63,10 +73,10 @@ def block_params(cfg: ModelConfig, layer: int, tp: int, ep: int) -> ParamCount:
     dense = float(sum(n * k for n, k, _ in attention_linears(cfg, tp))) + 2 * h
     expert = 0.0
     if cfg.is_moe_layer(layer):
-        dense += cfg.num_experts * h + 3.0 * h * cfg.shared_expert_intermediate_size
-        expert = cfg.num_experts / ep * 3.0 * h * cfg.moe_intermediate_size
+        dense += cfg.num_experts * h + swiglu_params(h, cfg.shared_expert_intermediate_size)
+        expert = cfg.num_experts / ep * swiglu_params(h, cfg.moe_intermediate_size)
     else:
-        dense += 3.0 * h * max(1, cfg.intermediate_size // tp)
+        dense += swiglu_params(h, max(1, cfg.intermediate_size // tp))
     return ParamCount(dense, expert)
 
 
@@ -102,6 +112,15 @@ def block_activation_bytes(cfg: ModelConfig, layer: int, sh: Shape, recompute: s
         f = max(1, cfg.intermediate_size // tp)
         ffn = norms + t * (2 + keep) * f * e
     return attn + ffn
+
+
+def comm_buffer_bytes(cfg: ModelConfig, sh: Shape, dtype: str, expert_choices: float, pp: int) -> float:
+    """Transient communication buffers of one device and micro-batch (see the module docstring)."""
+    h, e = cfg.hidden_size, DTYPE_BYTES[precise_dtype(dtype)]
+    a2a = a2a_payload_bytes(expert_choices, h, dtype) + a2a_payload_bytes(expert_choices, h, precise_dtype(dtype))
+    gather = float(sh.tokens) * h * e if sh.tp > 1 else 0.0
+    p2p = 2.0 * sh.sp_tokens * h * e if pp > 1 else 0.0
+    return max(a2a, gather) + p2p
 
 
 def logits_bytes(cfg: ModelConfig, sh: Shape) -> float:

@@ -40,7 +40,7 @@ from moesim.placement import Placement, contiguous
 from moesim.sim import Routed, SimOptions, activation_bytes, prepare
 from moesim.train.collectives import group_system
 from moesim.train.ops import precise_dtype
-from moesim.train.spec import TrainError, TrainSpec
+from moesim.train.spec import REPLAYED, TrainError, TrainSpec
 from workloads.hf_config import ModelConfig
 from workloads.trace import Trace, TraceMeta
 
@@ -82,8 +82,9 @@ def sample_trace(trace: Trace, ep: int, tokens_per_device: int, samples: int, la
     step_col, tok_col = c["step"], c["token"]
     steps = np.unique(step_col)
     keep = c["layer"] < layers
-    by_step = [np.flatnonzero((step_col == s) & keep) for s in steps]
-    n_step = min(int(tok_col[rows].max()) + 1 if rows.size else 0 for rows in by_step)
+    by_step = [_as_slice(np.flatnonzero((step_col == s) & keep)) for s in steps]
+    top = [int(tok_col[rows].max()) + 1 if _size(rows) else 0 for rows in by_step]
+    n_step = min(top)
     per = min(tokens_per_device, n_step // ep)
     if per < 1:
         raise TrainError(f"a trace step has {n_step} tokens, fewer than --ep {ep}: cannot give every device a token")
@@ -93,14 +94,31 @@ def sample_trace(trace: Trace, ep: int, tokens_per_device: int, samples: int, la
     for i in range(samples):
         rows = by_step[i % len(steps)]
         offset = ((i // len(steps)) * width) % n_step
-        tok = (tok_col[rows] - offset) % n_step
-        inside = tok < width
+        if offset == 0 and top[i % len(steps)] <= width:  # the whole step, tokens as they are (no copies here)
+            picked, tok = rows, tok_col[rows]
+        else:
+            rows = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+            tok = (tok_col[rows] - offset) % n_step
+            inside = tok < width
+            picked, tok = rows[inside], tok[inside]
         for k in names:
-            parts[k].append(c[k][rows[inside]])
-        parts["token"].append(tok[inside].astype(tok_col.dtype))
-        parts["step"].append(np.full(int(inside.sum()), i, dtype=step_col.dtype))
+            parts[k].append(c[k][picked])
+        parts["token"].append(tok.astype(tok_col.dtype, copy=False))
+        parts["step"].append(np.full(len(tok), i, dtype=step_col.dtype))
     cols = {k: np.concatenate(v) for k, v in parts.items()}
     return Trace(columns=cols, meta=dataclasses.replace(trace.meta, num_layers=layers)), tokens_per_device / per
+
+
+def _as_slice(rows: np.ndarray) -> np.ndarray | slice:
+    """``rows`` (ascending indices) as a slice when they are one contiguous run (the trace format sorts rows by
+    step then layer, so a step's first layers are): views instead of gathers of the columns."""
+    if rows.size and int(rows[-1]) - int(rows[0]) + 1 == rows.size:
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
+def _size(rows: np.ndarray | slice) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.size
 
 
 def balanced_routed(ep: int, tokens_per_device: int, top_k: int, num_experts: int, layers: int) -> Routed:
@@ -145,9 +163,9 @@ def moe_times(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostModel
     options = SimOptions(micro_batches=1, dtype=spec.dtype, combine_dtype=precise_dtype(spec.dtype))
     a2a = all_to_all_routing(ep_system)
     n_moe = len(cfg.moe_layers)
-    if spec.routing == "trace":
+    if spec.routing in REPLAYED:
         if trace is None:
-            raise TrainError("routing 'trace' needs --trace")
+            raise TrainError(f"routing {spec.routing!r} needs a trace (--trace, or --routing synthetic)")
         if trace.meta.num_experts != cfg.num_experts:
             raise TrainError(f"trace has {trace.meta.num_experts} experts per layer but model {cfg.name!r} has "
                              f"{cfg.num_experts}")
@@ -166,7 +184,7 @@ def moe_times(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostModel
     gc = group_costs(ep_system, model, routed, a2a, cost, options, activation_bytes(model, options))
     mt = _collect(gc, routed, samples, used, n_moe, tokens)
     load = routed.expert_tokens.sum(axis=1).reshape(samples, used, -1).sum(axis=0)
-    return dataclasses.replace(mt, expert_load=load, placement=placement if spec.routing == "trace" else None)
+    return dataclasses.replace(mt, expert_load=load, placement=placement if spec.routing in REPLAYED else None)
 
 
 def _check_placement(placement: Placement | None, layers: int, experts: int, ep: int) -> Placement:

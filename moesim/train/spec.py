@@ -16,9 +16,11 @@ import numpy as np
 
 SCHEDULES = ("1f1b", "interleaved", "dualpipe")
 RECOMPUTE = ("none", "selective", "full")
-ROUTING = ("balanced", "trace")
+ROUTING = ("balanced", "trace", "synthetic")
+REPLAYED = ("trace", "synthetic")  # routings that replay the trace passed to the step
 EXPERT_MODES = ("ep", "fssdp")
-OFFLOAD = ("none", "optimizer")
+OFFLOAD = ("none", "optimizer", "weights")
+FSSDP_PLANS = ("oracle", "first-sample")
 
 
 class TrainError(ValueError):
@@ -81,12 +83,13 @@ class TrainSpec:
     """One training step: sequence length, batch sizes (in sequences), schedule, recomputation.
 
     ``global_batch_size`` = ``micro_batch_size`` x micro-batches x ``dp``. ``routing``: ``balanced``
-    (every expert gets tokens x top_k / experts) or ``trace`` (replayed; the trace is passed to the
-    step). ``routing_samples``: distinct routed micro-batches drawn from the trace (micro-batch i
+    (every expert gets tokens x top_k / experts), ``trace`` (replayed; the trace is passed to the
+    step) or ``synthetic`` (the same replay of a trace drawn by :func:`moesim.train.routing.synthetic_trace`). ``routing_samples``: distinct routed micro-batches drawn from the trace (micro-batch i
     uses sample i mod routing_samples). ``expert_mode``: ``ep`` (expert parallel: each of the ``ep``
     devices holds a fixed share of the experts) or ``fssdp`` (Hecate's fully sharded sparse data parallel
-    over the same ``ep`` devices, :mod:`moesim.train.fssdp`). ``offload``: ``optimizer`` keeps Adam's states
-    in the tier behind HBM (:mod:`moesim.train.offload`).
+    over the same ``ep`` devices, :mod:`moesim.train.fssdp`; ``fssdp_plan``: the loads its placement is
+    planned from). ``offload``: ``optimizer`` keeps Adam's states
+    in the tier behind HBM, ``weights`` the weights too (:mod:`moesim.train.offload`).
     """
 
     parallel: Parallel
@@ -100,6 +103,7 @@ class TrainSpec:
     routing_samples: int = 4
     expert_mode: str = "ep"
     offload: str = "none"
+    fssdp_plan: str = "oracle"
 
     def __post_init__(self):
         if self.seq_len < 1 or self.micro_batch_size < 1:
@@ -116,6 +120,8 @@ class TrainSpec:
             raise TrainError(f"routing must be one of {', '.join(ROUTING)}, got {self.routing!r}")
         if self.expert_mode not in EXPERT_MODES:
             raise TrainError(f"--expert-mode must be one of {', '.join(EXPERT_MODES)}, got {self.expert_mode!r}")
+        if self.fssdp_plan not in FSSDP_PLANS:
+            raise TrainError(f"--fssdp-plan must be one of {', '.join(FSSDP_PLANS)}, got {self.fssdp_plan!r}")
         if self.offload not in OFFLOAD:
             raise TrainError(f"--offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
         if self.routing_samples < 1:

@@ -1,7 +1,11 @@
 """One training step of a whole model: per-micro-batch stage times -> pipeline schedule -> gradient
 synchronisation -> optimizer step; memory per device; phases and MFU.
 
-``step_time_s = pipeline makespan + grad_sync + optimizer``. Gradient synchronisation after the
+``step_time_s = pipeline makespan + grad_sync + optimizer + fssdp_comm`` (the last only with
+``expert_mode="fssdp"``: the once-per-step sparse all-gather and reduce-scatter of :mod:`moesim.train.fssdp`;
+``offload="optimizer"`` or ``"weights"`` makes the optimizer term the offloaded one of :mod:`moesim.train.offload`;
+``"weights"`` also streams each layer's weights from there before its forward and its backward, overlapped with
+the layer's compute like ZeRO-3's gathers). Gradient synchronisation after the
 pipeline flush is not overlapped with the backward pass (Megatron's default; ``--overlap-grad-reduce``
 is not modelled): ZeRO 0 all-reduces the gradients, ZeRO 1/2 reduce-scatter them and all-gather the
 updated bf16 weights; ZeRO 3 instead all-gathers each layer's weights before its forward and backward
@@ -27,7 +31,7 @@ from hwmodels.specs import System
 from moesim.placement import Placement
 from moesim.train import memory as mem
 from moesim.train.collectives import collective_time_s, describe_collectives
-from moesim.train.offload import backing, optimizer_offload_s
+from moesim.train.offload import backing, optimizer_offload_s, weight_fetch_s
 from moesim.train.fssdp import FssdpComm, expert_params, fssdp_comm, placement_from_trace
 from moesim.train.layers import (SELECTIVE_RECOMPUTE_PHASES, Shape, attention_linears, block_ops, core_attention_kernels,
                                  embedding_ops, head_ops)
@@ -35,7 +39,7 @@ from moesim.train.moe import MoETimes, moe_times
 from moesim.train.ops import (BACKWARD_INPUT, BACKWARD_WEIGHT, COMMUNICATION, COMPUTE, FORWARD, Kernel, Op, Timer,
                               kernel_cost)
 from moesim.train.pipeline import Timeline, run_schedule
-from moesim.train.spec import TrainError, TrainSpec
+from moesim.train.spec import REPLAYED, TrainError, TrainSpec
 from workloads.hf_config import ModelConfig
 from workloads.trace import Trace
 
@@ -143,7 +147,9 @@ def simulate_step(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostM
             "virtual_stages": par.virtual_stages, "schedule": spec.schedule, "recompute": spec.recompute,
             "seq_len": spec.seq_len, "micro_batch_size": spec.micro_batch_size, "global_batch_size": spec.global_batch_size,
             "micro_batches": spec.num_micro_batches, "layers": cfg.num_hidden_layers, "dtype": spec.dtype,
-            "routing": spec.routing, "expert_mode": spec.expert_mode, "offload": spec.offload, "collectives": describe_collectives(system),
+            "routing": spec.routing, "expert_mode": spec.expert_mode, "fssdp_plan": spec.fssdp_plan,
+            "offload": spec.offload,
+            "collectives": describe_collectives(system),
             "cost_model": getattr(cost, "name", type(cost).__name__)}
     return TrainResult(step_time_s=step_s, tokens_per_s=spec.tokens_per_step / step_s,
                        tokens_per_s_per_device=spec.tokens_per_step / step_s / system.num_devices,
@@ -159,14 +165,15 @@ def _context(cfg, system, spec, cost, trace, seed, placement) -> _Ctx:
     if par.ep > 1 and not cfg.is_moe:
         raise TrainError(f"--ep {par.ep} needs MoE blocks; {cfg.name!r} has none in its {cfg.num_hidden_layers} "
                          f"simulated layers")
-    if trace is not None and spec.routing != "trace":
+    if trace is not None and spec.routing not in REPLAYED:
         raise TrainError(f"a trace was given but routing is {spec.routing!r}; set routing='trace' to replay it")
     chunks = par.chunks(cfg.num_hidden_layers)
     fssdp = spec.expert_mode == "fssdp" and cfg.is_moe
     if fssdp and placement is not None:
-        raise TrainError("--placement and --expert-mode fssdp exclude each other: FSSDP places experts by the step's load")
-    if fssdp and spec.routing == "trace":
-        placement = placement_from_trace(par.ep, cfg.num_experts)
+        raise TrainError("--placement and --expert-mode fssdp exclude each other: FSSDP places experts by the "
+                         "step's load")
+    if fssdp and spec.routing in REPLAYED:
+        placement = placement_from_trace(par.ep, spec.fssdp_plan)
     moe = moe_times(cfg, system, spec, cost, trace, seed, placement) if cfg.is_moe else None
     comm = fssdp_comm(system, cfg, moe.expert_load, moe.placement, par.ep, mem.WEIGHT_BYTES, mem.GRAD_BYTES) \
         if fssdp else None
@@ -218,6 +225,8 @@ def _chunk_times(ctx: _Ctx, static: dict, router_bwd: list[Op]):
             f, b = _sum(ops, FORWARD), _sum(ops, BACKWARD_INPUT, BACKWARD_WEIGHT)
             fc, bc = _sum(ops, FORWARD, kind=COMMUNICATION), _sum(ops, BACKWARD_INPUT, kind=COMMUNICATION)
             zf, zb = _zero3_layer_s(ctx, layer)
+            fetch = _weight_fetch_s(ctx, layer)
+            zf, zb = zf + fetch, zb + fetch
             block = 0 <= layer < ctx.cfg.num_hidden_layers
             for i in range(m):
                 mf, mb, mfc, mbc = _moe_layer(ctx, ctx.moe_ordinal[layer], i, router_bwd) \
@@ -233,15 +242,32 @@ def _chunk_times(ctx: _Ctx, static: dict, router_bwd: list[Op]):
     return arrays
 
 
+def _layer_params(ctx: _Ctx, layer: int) -> mem.ParamCount:
+    par = ctx.spec.parallel
+    if 0 <= layer < ctx.cfg.num_hidden_layers:
+        return mem.block_params(ctx.cfg, layer, par.tp, par.ep)
+    return mem.embedding_params(ctx.cfg, par.tp, first=layer < 0, last=layer >= 0)
+
+
+def _local_weights(ctx: _Ctx, pc: mem.ParamCount) -> float:
+    """Weights a device holds of ``pc``: all of them, or its ZeRO-3 shard."""
+    par = ctx.spec.parallel
+    return pc.dense + pc.expert if par.zero < 3 else pc.dense / par.dp + pc.expert / par.expert_dp
+
+
+def _weight_fetch_s(ctx: _Ctx, layer: int) -> float:
+    """``--offload weights``: one layer's local bf16 weights (its ZeRO-3 shard at stage 3) from the backing tier."""
+    if ctx.spec.offload != "weights":
+        return 0.0
+    return weight_fetch_s(ctx.system, _local_weights(ctx, _layer_params(ctx, layer)) * mem.WEIGHT_BYTES)
+
+
 def _zero3_layer_s(ctx: _Ctx, layer: int) -> tuple[float, float]:
     """ZeRO-3 communication of one layer per micro-batch: (forward all-gather, backward all-gather + reduce-scatter)."""
     par = ctx.spec.parallel
     if par.zero < 3:
         return 0.0, 0.0
-    if 0 <= layer < ctx.cfg.num_hidden_layers:
-        pc = mem.block_params(ctx.cfg, layer, par.tp, par.ep)
-    else:
-        pc = mem.embedding_params(ctx.cfg, par.tp, first=layer < 0, last=layer >= 0)
+    pc = _layer_params(ctx, layer)
     gather = _sync(ctx, "all_gather", pc, mem.WEIGHT_BYTES)
     return gather, gather + _sync(ctx, "reduce_scatter", pc, mem.GRAD_BYTES)
 
@@ -312,7 +338,7 @@ def _local_params(ctx: _Ctx, pc: mem.ParamCount) -> float:
 
 def _optimizer_s(ctx: _Ctx, pc: mem.ParamCount) -> float:
     n = _local_params(ctx, pc)
-    if ctx.spec.offload == "optimizer":
+    if ctx.spec.offload in ("optimizer", "weights"):
         return optimizer_offload_s(ctx.system, n, mem.GRAD_BYTES, mem.WEIGHT_BYTES, ADAM_BYTES_PER_PARAM)
     k = Kernel("adam", ADAM_FLOPS_PER_PARAM * n, ADAM_BYTES_PER_PARAM * n)
     return kernel_cost(ctx.timer.cost, ctx.system.device, k, "fp32").time_s
@@ -342,11 +368,13 @@ def _memory(ctx: _Ctx, params: list, tl: Timeline, check: bool) -> tuple[dict, l
         if s == par.pp - 1:
             act += mem.logits_bytes(cfg, ctx.shape)
         cats["activations"] = act
+        cats["comm_buffers"] = mem.comm_buffer_bytes(cfg, ctx.shape, spec.dtype,
+                                                     max((x(i) for c in chunk_layers for i in c), default=0.0), par.pp)
         if ctx.fssdp is not None:  # materialised experts' weights and gradients, for the whole step
             pe = expert_params(cfg) * (mem.WEIGHT_BYTES + mem.GRAD_BYTES)
             cats["fssdp_buffers"] = float(ctx.fssdp.materialised_max[_stage_moe_layers(ctx, s)].sum()) * pe
         stages.append(cats)
-    offloaded = [c.pop("optimizer") if spec.offload == "optimizer" else 0.0 for c in stages]
+    offloaded = [_offload_categories(ctx, s, c) for s, c in enumerate(stages)]
     totals = [sum(c.values()) for c in stages]
     worst = int(np.argmax(totals))
     cap = ctx.system.device.main_memory.capacity_bytes
@@ -360,20 +388,39 @@ def _memory(ctx: _Ctx, params: list, tl: Timeline, check: bool) -> tuple[dict, l
     memory["total"] = {"hbm": totals[worst]}
     memory["capacity"] = {"hbm": cap}
     memory["stage"] = worst
-    if spec.offload == "optimizer":
-        _offloaded_memory(ctx, memory, max(offloaded), check)
+    if spec.offload != "none":
+        _offloaded_memory(ctx, memory, offloaded[int(np.argmax([sum(o.values()) for o in offloaded]))], check)
     return memory, [{"stage": s, **c, "total": t} for s, (c, t) in enumerate(zip(stages, totals))]
 
 
-def _offloaded_memory(ctx: _Ctx, memory: dict, nbytes: float, check: bool) -> None:
-    """Optimizer states in the backing tier (its per-device share); not fitting there is an error."""
+def _offload_categories(ctx: _Ctx, s: int, cats: dict) -> dict:
+    """Moves the offloaded categories out of ``cats`` (stage ``s``); ``weights`` leaves a double buffer of
+    the stage's largest layer in HBM (``weight_buffers``: one layer in use, the next arriving)."""
+    out = {}
+    if ctx.spec.offload in ("optimizer", "weights"):
+        out["optimizer"] = cats.pop("optimizer")
+    if ctx.spec.offload == "weights":
+        out["weights"] = cats.pop("weights")
+        par = ctx.spec.parallel
+        layers = [layer for q in range(s, len(ctx.chunks), par.pp) for layer in ctx.chunks[q]]
+        layers += ([-1] if s == 0 else []) + ([ctx.cfg.num_hidden_layers] if s == par.pp - 1 else [])
+        biggest = max(_local_weights(ctx, _layer_params(ctx, layer)) for layer in layers)
+        cats["weight_buffers"] = 2.0 * biggest * mem.WEIGHT_BYTES
+    return out
+
+
+def _offloaded_memory(ctx: _Ctx, memory: dict, offloaded: dict, check: bool) -> None:
+    """Offloaded categories in the backing tier (its per-device share); not fitting there is an error."""
     name, _, cap, _ = backing(ctx.system)
-    memory["optimizer"] = {name: nbytes}
+    nbytes = sum(offloaded.values())
+    for k, v in offloaded.items():
+        memory[k] = {name: v}
     memory["total"][name] = nbytes
     memory["capacity"][name] = cap
     if check and nbytes > cap:
-        raise TrainError(f"does not fit in {name}: --offload optimizer needs {nbytes / GB:.1f} GB per device, "
-                         f"{ctx.system.name} gives each device {cap / GB:.1f} GB: short by {(nbytes - cap) / GB:.1f} GB")
+        raise TrainError(f"does not fit in {name}: --offload {ctx.spec.offload} needs {nbytes / GB:.1f} GB per "
+                         f"device, {ctx.system.name} gives each device {cap / GB:.1f} GB: short by "
+                         f"{(nbytes - cap) / GB:.1f} GB")
 
 
 def _p2p_s(ctx: _Ctx) -> float:
@@ -415,6 +462,10 @@ def _phases(ctx: _Ctx, static: dict, router_bwd: list[Op], tl: Timeline, p2p_s: 
             add(layer, "fssdp_gather", FORWARD, COMMUNICATION, ctx.fssdp.gather_s[j % used])
             add(layer, "fssdp_reduce_scatter", BACKWARD_WEIGHT, COMMUNICATION, ctx.fssdp.reduce_scatter_s[j % used])
     for layer in static:
+        fetch = _weight_fetch_s(ctx, layer)
+        if fetch > 0:
+            add(layer, "weight_fetch", FORWARD, COMMUNICATION, fetch * m)
+            add(layer, "weight_fetch", BACKWARD_INPUT, COMMUNICATION, fetch * m)
         zf, zb = _zero3_layer_s(ctx, layer)
         if zf > 0:
             add(layer, "zero3_comm", FORWARD, COMMUNICATION, zf * m)

@@ -30,7 +30,8 @@ def _trace(routing: str):
         name, _, options = routing[len("table:"):].partition(":")
         shared = find_shared_traces()
         if shared is None:
-            raise ValueError(f"routing {routing!r} needs the shared traces (shared/data/traces or $MOESIM_SHARED_TRACES)")
+            raise ValueError(f"routing {routing!r} needs the shared traces (shared/data/traces or "
+                             "$MOESIM_SHARED_TRACES)")
         path = shipped_table_path(name, shared)
         return load_trace(f"{path}:{options}" if options else str(path))
     return load_trace(routing)
@@ -48,7 +49,8 @@ def _spec(config: dict, num_devices: int):
                      global_batch_size=config["global_batch_size"], schedule=config["schedule"],
                      recompute=config["recompute"], dtype=config["dtype"],
                      routing="balanced" if config["routing"] == "balanced" else "trace",
-                     routing_samples=config["routing_samples"], expert_mode=config["expert_mode"])
+                     routing_samples=config["routing_samples"], expert_mode=config["expert_mode"],
+                     fssdp_plan=config["fssdp_plan"], offload=config["offload"])
 
 
 def evaluate_train(config: dict) -> dict:
@@ -84,7 +86,8 @@ def evaluate_train(config: dict) -> dict:
             "tokens_per_s_per_device": r.tokens_per_s_per_device, "throughput_tokens_per_s": r.tokens_per_s,
             "mfu": r.mfu, "bubble_fraction": r.breakdown["bubble_fraction"], "grad_sync_s": r.breakdown["grad_sync_s"],
             "fssdp_comm_s": r.breakdown["fssdp_comm_s"], "fssdp_bytes_per_step": r.breakdown["fssdp_bytes_per_step"],
-            "moe_imbalance_mean": r.breakdown["moe_imbalance_mean"], "imbalance_mean": r.breakdown["moe_imbalance_mean"],
+            "moe_imbalance_mean": r.breakdown["moe_imbalance_mean"],
+            "imbalance_mean": r.breakdown["moe_imbalance_mean"],
             "comm_fraction": comm / busy if busy > 0 else 0.0, "memory_gb": mem["total"]["hbm"] / GB,
             "hbm_fits": bool(mem["total"]["hbm"] <= mem["capacity"]["hbm"]), "cost_usd_per_hour": price,
             "usd_per_million_tokens": price / 3600.0 / r.tokens_per_s * 1e6 if r.tokens_per_s > 0 else 0.0,

@@ -115,7 +115,7 @@ def split_max_mean(load: np.ndarray, placement, nodes: int, replicas: int) -> np
     """Per-layer max/mean of GPU loads [L] on ``load`` under the even split over replicas (placement model)."""
     from moesim.place.baselines import device_load
     from moesim.place.problem import placement_to_assignment
-    from workloads.load_table import max_over_mean
+    from workloads.stats import max_over_mean
     return max_over_mean(device_load(problem(load, nodes, replicas), placement_to_assignment(placement)))
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from hwmodels.specs import System, load_system
-from moebase.units import GB
+from moebase.units import GB, MS, US
 from moesim.serve.coe import CoENode, CoEOptions, coe_node, nodes_to_hold, route_experts, serve_coe, serve_coe_replicas
 from moesim.serve.requests import Requests
 from studies.sn40l_coe import spec_model
@@ -34,7 +34,6 @@ from workloads.hf_config import load_config
 
 PAPER = spec_model.PAPER
 CONFIG_PATH = Path(__file__).parent / "llama-2-7b.json"
-US = 1e-6  # seconds per microsecond (sweep labels)
 
 SETUP = {
     "batch": 8,  # paper's CoE comparison setting (as read by the earlier study)
@@ -42,6 +41,13 @@ SETUP = {
     "prompt_tokens": 128,  # NOT given in the paper: swept below
     "sn40l_tp": 8,  # one expert runs tensor-parallel on the node's 8 sockets (paper: one node serves the CoE)
     "dgx_tp": 1,  # a 7B expert fits one 80 GB GPU; NOT given in the paper: swept below
+    # None = the spec value (sn40l-node.toml / sn40l.toml, marked "uncertain; parameter"); swept below
+    "sn40l_peer_latency_s": None,
+    "sn40l_peer_bandwidth_bytes_per_s": None,
+    "sn40l_launch_latency_s": None,
+    # achievable share of the nominal PCIe bandwidth of a DGX host-to-GPU copy: the spec's nominal figure
+    # (1.0) is used; no measured fraction with a source was available; swept below
+    "dgx_pcie_fraction": 1.0,
     "experts_footprint": 850,  # paper: 850 Llama-2-7B-sized experts on one SN40L node
     "experts_coe": 150,  # paper: Samba-CoE, 150 experts
     # Poisson stream (a serving scenario beyond the paper's figures; none of its numbers is compared)
@@ -57,6 +63,7 @@ SWEEPS = {
     "sn40l_launch_latency_s": [0.0, 1 * US, 2 * US, 5 * US],
     "prompt_tokens": [32, 128, 512],
     "dgx_tp": [1, 8],
+    "dgx_pcie_fraction": [0.7, 0.8, 0.9, 1.0],
 }
 RATIOS = ("switch_vs_h100", "switch_vs_a100", "overall_vs_h100", "overall_vs_a100", "footprint")
 PAPER_OF = dict(zip(RATIOS, PAPER.values()))
@@ -78,6 +85,15 @@ def sn40l_system(peer_latency_s: float | None = None, peer_bandwidth_bytes_per_s
     return dataclasses.replace(s, scale_up=up, device=dev)
 
 
+def dgx_system(name: str, pcie_fraction: float) -> System:
+    """A DGX spec whose host link carries ``pcie_fraction`` of its nominal bandwidth."""
+    if not 0 < pcie_fraction <= 1:
+        raise ValueError(f"dgx_pcie_fraction must lie in (0, 1], got {pcie_fraction}")
+    s = load_system(name)
+    link = dataclasses.replace(s.host_link, bandwidth_bytes_per_s=s.host_link.bandwidth_bytes_per_s * pcie_fraction)
+    return dataclasses.replace(s, host_link=link)
+
+
 def _node(system: System, tp: int, p: dict) -> CoENode:
     return coe_node(expert_config(), system, tp=tp, kv_reserve_tokens=p["batch"] * (p["prompt_tokens"] + p["output_tokens"]))
 
@@ -94,20 +110,30 @@ def cold_batch(node: CoENode, p: dict) -> dict:
             "hbm_experts_per_node": node.slots * node.replicas_per_node, "store_experts_per_node": node.store_slots}
 
 
-def ratios(p: dict, sn40l: System | None = None, dgx_cache: dict | None = None) -> dict:
-    """The five ratios and each deployment's cold-batch terms for setup ``p`` (``dgx_cache``: DGX rows by
-    (system, tp, prompt) so a sweep of SN40L parameters builds the DGX deployments once)."""
-    sn_row = cold_batch(_node(sn40l or sn40l_system(), p["sn40l_tp"], p), p)
-    dgx = {}
-    for name in ("dgx-h100", "dgx-a100"):
-        key = (name, p["dgx_tp"], p["prompt_tokens"])
-        row = None if dgx_cache is None else dgx_cache.get(key)
-        if row is None:
-            row = cold_batch(_node(load_system(name), p["dgx_tp"], p), p)
-            if dgx_cache is not None:
-                dgx_cache[key] = row
-        dgx[name] = row
-    h, a = dgx["dgx-h100"], dgx["dgx-a100"]
+def _row(p: dict, which: str, cache: dict | None) -> dict:
+    """The cold-batch row of ``which`` (``sn40l-node``, ``dgx-h100``, ``dgx-a100``) under setup ``p``,
+    memoized in ``cache`` by the parameters that reach that deployment."""
+    sn = which == "sn40l-node"
+    knobs = ("sn40l_peer_latency_s", "sn40l_peer_bandwidth_bytes_per_s", "sn40l_launch_latency_s", "sn40l_tp") \
+        if sn else ("dgx_pcie_fraction", "dgx_tp")
+    key = (which, p["prompt_tokens"], p["batch"], p["output_tokens"], *(p[k] for k in knobs))
+    row = None if cache is None else cache.get(key)
+    if row is None:
+        if sn:
+            system = sn40l_system(p["sn40l_peer_latency_s"], p["sn40l_peer_bandwidth_bytes_per_s"],
+                                  p["sn40l_launch_latency_s"])
+            row = cold_batch(_node(system, p["sn40l_tp"], p), p)
+        else:
+            row = cold_batch(_node(dgx_system(which, p["dgx_pcie_fraction"]), p["dgx_tp"], p), p)
+        if cache is not None:
+            cache[key] = row
+    return row
+
+
+def ratios(p: dict, cache: dict | None = None) -> dict:
+    """The five ratios and each deployment's cold-batch terms for setup ``p`` (``cache``: rows by deployment
+    parameters, so a sweep builds each deployment once)."""
+    sn_row, h, a = (_row(p, which, cache) for which in ("sn40l-node", "dgx-h100", "dgx-a100"))
     n = p["experts_footprint"]
     sn_nodes = nodes_to_hold(n, sn_row["store_experts_per_node"])  # every expert in the node's DDR
     dgx_nodes = nodes_to_hold(n, h["hbm_experts_per_node"])  # every expert resident in HBM (no switching)
@@ -126,22 +152,12 @@ def old_engine(prompt_tokens: int) -> dict:
 def sweeps(p: dict) -> dict:
     """One-at-a-time sweeps of the unsourced parameters, and the min/max of every ratio over their full grid."""
     cache: dict = {}
-    one = {}
-    for key, values in SWEEPS.items():
-        rows = []
-        for v in values:
-            q, sys_kw = dict(p), {}
-            if key.startswith("sn40l_"):
-                sys_kw[key.removeprefix("sn40l_")] = v
-            else:
-                q[key] = v
-            r = ratios(q, sn40l_system(**sys_kw), cache)["ratios"]
-            rows.append({"value": v, **r})
-        one[key] = rows
+    one = {key: [{"value": v, **ratios(dict(p, **{key: v}), cache)["ratios"]} for v in values]
+           for key, values in SWEEPS.items()}
     grid = []
-    for lat, bw, launch, pt, tp in itertools.product(*SWEEPS.values()):
-        q = dict(p, prompt_tokens=pt, dgx_tp=tp)
-        grid.append((tp, ratios(q, sn40l_system(lat, bw, launch), cache)["ratios"]))
+    for values in itertools.product(*SWEEPS.values()):
+        q = dict(p, **dict(zip(SWEEPS, values)))
+        grid.append((q["dgx_tp"], ratios(q, cache)["ratios"]))
 
     def span(rows):
         return {k: (min(g[k] for g in rows), max(g[k] for g in rows)) for k in RATIOS}
@@ -158,7 +174,7 @@ LATENCY_SCAN_S = [i * 0.1 * US for i in range(51)]
 def latency_band(p: dict, cache: dict) -> dict:
     """The peer-link latencies (0-5 us, 0.1 us steps; other parameters at spec) whose overall ratios lie
     within +-20 % of the paper's, per ratio: (lowest, highest) or None."""
-    rows = [(lat, ratios(p, sn40l_system(peer_latency_s=lat), cache)["ratios"]) for lat in LATENCY_SCAN_S]
+    rows = [(lat, ratios(dict(p, sn40l_peer_latency_s=lat), cache)["ratios"]) for lat in LATENCY_SCAN_S]
     out = {}
     for k in ("overall_vs_h100", "overall_vs_a100"):
         ok = [lat for lat, r in rows if abs(r[k] / PAPER_OF[k] - 1.0) <= 0.2]
@@ -169,8 +185,9 @@ def latency_band(p: dict, cache: dict) -> dict:
 def stream(p: dict, seed: int) -> dict:
     """A Poisson stream routed over the composition's experts: the SN40L node against a DGX whose GPUs each
     serve the experts ``e mod 8`` (own PCIe link; the node's host memory holds the models)."""
-    nodes = {"sn40l-node": _node(sn40l_system(), p["sn40l_tp"], p),
-             **{k: _node(load_system(k), 1, p) for k in ("dgx-h100", "dgx-a100")}}
+    sn = sn40l_system(p["sn40l_peer_latency_s"], p["sn40l_peer_bandwidth_bytes_per_s"], p["sn40l_launch_latency_s"])
+    nodes = {"sn40l-node": _node(sn, p["sn40l_tp"], p),
+             **{k: _node(dgx_system(k, p["dgx_pcie_fraction"]), 1, p) for k in ("dgx-h100", "dgx-a100")}}
     experts = min([p["experts_coe"]] + [nd.store_slots for nd in nodes.values()])
     rng = np.random.default_rng(seed)
     n = p["stream_requests"]
@@ -227,8 +244,8 @@ def _print(res: dict) -> None:
     print(f"  {'deployment':16s} {'switch':>8s} {'(closed)':>9s} {'prefill':>8s} {'decode':>8s} {'total':>8s} "
           f"{'HBM slots':>9s}")
     for r in res["terms"]:
-        print(f"  {r['deployment']:16s} {r['switch_s'] * 1e3:8.2f} {r['switch_closed_form_s'] * 1e3:9.2f} "
-              f"{r['prefill_s'] * 1e3:8.2f} {r['decode_s'] * 1e3:8.2f} {r['total_s'] * 1e3:8.2f} {r['slots']:9d}")
+        print(f"  {r['deployment']:16s} {r['switch_s'] / MS:8.2f} {r['switch_closed_form_s'] / MS:9.2f} "
+              f"{r['prefill_s'] / MS:8.2f} {r['decode_s'] / MS:8.2f} {r['total_s'] / MS:8.2f} {r['slots']:9d}")
     print("\nPaper vs old engine (spec_model.py) vs serving engine:")
     print(f"  {'ratio':16s} {'paper':>6s} {'old':>6s} {'new':>6s} {'new/paper':>9s}")
     for c in res["comparisons"]:
@@ -257,8 +274,8 @@ def _print(res: dict) -> None:
           f"(Zipf routing), seed {res['seed']}:")
     for r in st["rows"]:
         print(f"  {r['deployment']:11s} overlap={str(r['overlap']):5s} switches {r['switches']:5d}  wait "
-              f"{r['switch_wait_s']:7.2f} s  mean latency {r['mean_latency_s'] * 1e3:8.1f} ms  p99 "
-              f"{r['p99_latency_s'] * 1e3:8.1f} ms  TTFT {r['mean_ttft_s'] * 1e3:8.1f} ms")
+              f"{r['switch_wait_s']:7.2f} s  mean latency {r['mean_latency_s'] / MS:8.1f} ms  p99 "
+              f"{r['p99_latency_s'] / MS:8.1f} ms  TTFT {r['mean_ttft_s'] / MS:8.1f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,18 @@ def test_uniform_all_to_all_equals_the_fitted_closed_form_carried_to_h800():
     assert model.duration_s(all_to_all_routing(system), pair) == pytest.approx(expected, rel=1e-12)
 
 
+def test_small_uniform_all_to_all_takes_the_ll_protocol_like_the_closed_form():
+    system = load_system("dgx-h100")
+    model, fit = fitted_all_to_all(system, FIT_DIR), _h100_fit()
+    n, per_pair_bytes = 2, 4096.0
+    pair = np.zeros((8, 8))
+    pair[:n, :n] = per_pair_bytes
+    expected = float(all_to_all_time_s(n * per_pair_bytes, n, fit))
+    ll = fit.ll.latency_s + fit.ll.hop_s + (n * per_pair_bytes) / 2 / fit.ll.bus_bandwidth_bytes_per_s
+    assert expected == pytest.approx(ll, rel=1e-12)  # 2 GPUs, 8 KB each: LL's start-up beats Simple's
+    assert model.duration_s(all_to_all_routing(system), pair) == pytest.approx(expected, rel=1e-12)
+
+
 def test_fitted_all_to_all_charges_the_busiest_link_at_the_fitted_efficiency():
     system = load_system("dgx-h100")
     model = fitted_all_to_all(system, FIT_DIR)

@@ -7,7 +7,7 @@ import pytest
 
 from hwmodels.collectives import (COMM_KERNEL_SMS, AllReduceParams, ProtocolParams, a2a_payload_bytes,
                                   all_reduce_time_s, all_to_all_time_s, fit_all_reduce, fit_send_recv,
-                                  scale_to_link, send_recv_time_s)
+                                  ring_time_s, scale_to_link, send_recv_time_s)
 
 SHARED_GPU_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gpu-timings"
 
@@ -20,6 +20,18 @@ def test_all_reduce_closed_form_and_protocol_switch():
     assert float(all_reduce_time_s(2048, n, p)) == pytest.approx(5e-6 + 14e-6 + 2 * 7 / 8 * 2048 / 50e9)
     assert float(all_reduce_time_s(size, 1, p)) == 0.0
     assert float(all_to_all_time_s(size, n, p)) == pytest.approx(20e-6 + 7 * 0.5e-6 + 7 / 8 * size / 300e9)
+    assert float(all_to_all_time_s(2048, n, p)) == pytest.approx(5e-6 + 7e-6 + 7 / 8 * 2048 / 50e9)  # LL
+
+
+def test_ring_time_on_spec_links_counts_steps_per_collective():
+    bw, lat = 100e9, 2e-6
+    nbytes, n = 8e9, 4
+    # all-reduce: 2 (n - 1) = 6 steps of nbytes / n each; all-gather and reduce-scatter: n - 1 = 3 steps
+    assert ring_time_s("all_reduce", nbytes, n, bw, lat) == pytest.approx(6 / 4 * nbytes / bw + 6 * lat)
+    assert ring_time_s("all_gather", nbytes, n, bw, lat) == pytest.approx(3 / 4 * nbytes / bw + 3 * lat)
+    assert ring_time_s("reduce_scatter", nbytes, n, bw, lat) == ring_time_s("all_gather", nbytes, n, bw, lat)
+    assert ring_time_s("send_recv", nbytes, n, bw, lat) == pytest.approx(nbytes / bw + lat)
+    assert ring_time_s("all_reduce", nbytes, 1, bw, lat) == 0.0
 
 
 def test_fit_recovers_synthetic_all_reduce_parameters():

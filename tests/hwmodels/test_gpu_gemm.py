@@ -75,8 +75,10 @@ def test_fitted_cost_is_slower_than_the_roofline_and_describes_itself():
     tpe = np.array([0, 37, 5, 120])
     ffn = fitted.expert_ffn(dev, tpe, 7168, 2048, "bf16")
     assert ffn.flops == pytest.approx(roof.expert_ffn(dev, tpe, 7168, 2048, "bf16").flops)
-    text = describe_cost(fitted, dev, "fp8")
+    text = describe_cost(fitted, dev, "fp32")
     assert "vidur" in text and "leave-one-model-out MAPE" in text and "extrapolated" in text
+    fp8 = describe_cost(fitted, dev, "fp8")
+    assert "DeepGEMM" in fp8 and "held-out MAPE contiguous" in fp8 and "extrapolated" not in fp8
     assert "not fitted" in describe_cost(RooflineCost(), dev, "bf16")
 
 
@@ -115,3 +117,61 @@ def test_leave_one_model_out_on_vidur_h100_stays_under_15_percent():
     shipped = read_gpu_fit("h100-vidur")
     assert shipped.params["fp16"].compute_efficiency == pytest.approx(
         res["fit"].params["fp16"].compute_efficiency, rel=1e-3)
+
+
+def _deepgemm_doc(rows):
+    return {"dense_gemm": [{"m": m, "n": n, "k": k, "value_tflops": v} for m, n, k, v in rows]}
+
+
+def test_fp8_fit_uses_only_the_dense_table_and_holds_out_the_grouped_ones():
+    from hwmodels.gpu_fit import deepgemm_checks, fit_deepgemm_fp8, published
+
+    doc, dev = published(), load_device(SPEC_DIR / "h800-sxm.toml")
+    base = read_gpu_fit("h100-vidur")
+    fp16_only = type(base)(name=base.name, num_sms=base.num_sms, params={"fp16": base.params["fp16"]},
+                           provenance=base.provenance, validation={})
+    fitted, gemm_fit = fit_deepgemm_fp8(fp16_only, dev, doc)
+    assert gemm_fit.rows == len(doc["dense_gemm"]) == 18
+    # moving the grouped tables does not move the fit: they are never fitted on
+    moved = {**doc, "grouped_gemm": [{**e, "value_tflops": e["value_tflops"] * 3} for e in doc["grouped_gemm"]]}
+    again, _ = fit_deepgemm_fp8(fp16_only, dev, moved)
+    assert again.params["fp8"] == fitted.params["fp8"]
+    checks = deepgemm_checks(fitted, dev, doc)
+    assert set(checks.loc[checks["role"] == "held-out", "layout"]) == {"contiguous", "masked"}
+    assert set(checks.loc[checks["role"] == "fit", "layout"]) == {"dense"}
+    v = fitted.validation
+    assert v["fp8_train_mape_pct"] == pytest.approx(gemm_fit.train_mape_pct, abs=0.01)
+    for layout in ("contiguous", "masked"):
+        held = checks[(checks["role"] == "held-out") & (checks["layout"] == layout)]
+        assert v[f"fp8_heldout_{layout}_mape_pct"] == pytest.approx(held["error_pct"].abs().mean(), abs=0.01)
+    # the shipped fit carries these fp8 parameters (re-fit: python -m hwmodels.gpu_fit)
+    for key, want in fitted.params["fp8"].__dict__.items():
+        assert getattr(base.params["fp8"], key) == pytest.approx(want, rel=1e-3), key
+    assert base.validation["fp8_heldout_masked_mape_pct"] == pytest.approx(v["fp8_heldout_masked_mape_pct"], abs=0.05)
+
+
+def test_fp8_fit_recovers_a_synthetic_dense_table():
+    from hwmodels.gpu_fit import fit_deepgemm_fp8, gpu_shape
+    from moebase.units import TFLOPS
+
+    dev, base = load_device(SPEC_DIR / "h800-sxm.toml"), read_gpu_fit("h100-vidur")
+    true = GemmParams(0.6, 0.8, 3e-6, 1e30, 2e-6)
+    gpu = gpu_shape(dev, "fp8", base.num_sms)
+    shapes = [(m, n, k) for m in (64, 128, 1024, 4096) for n, k in ((2112, 7168), (24576, 1536), (7168, 2048),
+                                                                     (4096, 7168), (32768, 512))]
+    rows = [(m, n, k, 2 * m * n * k / float(gemm_time_s(m, n, k, gpu, true)) / TFLOPS) for m, n, k in shapes]
+    _, fit = fit_deepgemm_fp8(base, dev, _deepgemm_doc(rows))
+    assert fit.train_mape_pct < 1.0
+    assert fit.params.compute_efficiency == pytest.approx(0.6, rel=0.05)
+    assert fit.params.tile_epilogue_s == pytest.approx(2e-6, rel=0.1)
+
+
+def test_dense_table_errors_name_the_problem():
+    from hwmodels.gpu_fit import deepgemm_dense
+
+    with pytest.raises(ValueError, match="no \\[\\[dense_gemm\\]\\]"):
+        deepgemm_dense({})
+    with pytest.raises(ValueError, match="dense_gemm.*'k'"):
+        deepgemm_dense({"dense_gemm": [{"m": 64, "n": 128, "value_tflops": 1.0}]})
+    with pytest.raises(ValueError, match="positive"):
+        deepgemm_dense(_deepgemm_doc([(64, 128, 256, 0.0)]))

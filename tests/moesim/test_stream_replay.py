@@ -11,6 +11,7 @@ from moesim.analytic import ENGINES
 from moesim.cli import main
 from moesim.placement import Placement, contiguous
 from moesim.sim import SimOptions, SimulationError
+from moesim import stream as stream_mod
 from moesim.stream import replay_steps
 from workloads import trace_stream
 from workloads.catalog import get_model
@@ -64,7 +65,8 @@ def assert_same(streamed, whole, exact: bool):
     (SimOptions(micro_batches=2), "contiguous"),
     (SimOptions(micro_batches=3, overlap_micro_batches=False, replica_routing="random"), "replicated"),
 ])
-def test_streamed_equals_in_memory(trace, engine, options, routing):
+def test_streamed_equals_in_memory(trace, engine, options, routing, monkeypatch):
+    monkeypatch.setattr(stream_mod, "BLOCK_ROWS", 700)  # operator rows merged into blocks across steps
     system = load_system("dgx-h100")
     model = get_model("flame-moe-290m")
     m = trace.meta
@@ -123,6 +125,10 @@ def test_progress_counts_every_group(trace):
     replay_steps(system, model, placement, split_steps(trace), options=SimOptions(micro_batches=2),
                  progress=lambda done, total: seen.append(done))
     assert seen[-1] == 4 * 2 * trace.meta.num_layers and seen == sorted(seen)
+    totals = []
+    replay_steps(system, model, placement, split_steps(trace), options=SimOptions(micro_batches=2),
+                 progress=lambda done, total: totals.append(total), expected_steps=4)
+    assert set(totals) == {4 * 2 * trace.meta.num_layers}  # known from the start
 
 
 def test_no_steps_and_unknown_engine_are_errors(trace):
@@ -147,3 +153,14 @@ def test_cli_streams_large_parquet_and_matches_in_memory_run(trace, tmp_path, mo
     streamed = json.loads((tmp_path / "stream" / "summary.json").read_text())
     assert streamed == mem  # the same figures, checksum of the trace copy and warnings
     assert read_parquet(tmp_path / "stream" / "trace.parquet").expert_load().sum() == len(trace)
+
+
+def test_cli_reports_a_damaged_streamed_trace_in_one_line(trace, tmp_path, monkeypatch, capsys):
+    path = write_stream(trace, tmp_path / "t.parquet")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    monkeypatch.setattr(trace_stream, "STREAM_MIN_FILE_BYTES", 0)
+    assert main(["simulate", "--trace", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moesim simulate: error: ") and "t.parquet: not a readable Parquet file" in err
+    assert "\n" not in err and "Traceback" not in err

@@ -110,6 +110,25 @@ def test_scaled_expansion_is_the_apportioned_table(tk, tokens, seed):
     _tokens_of(tr.dense()[0])
 
 
+@settings(max_examples=40, deadline=None)
+@given(tables(), st.integers(1, 64), st.integers(1, 3), st.integers(0, 1000))
+def test_expansion_is_the_trace_from_dense_builds_and_valid(tk, tokens, steps, seed):
+    """expand builds its columns directly (no sort); they equal from_dense's, and the trace validates."""
+    from workloads.trace import from_dense, validate
+
+    counts, k = tk
+    tr = lt.expand(lt.load_table_from_counts(counts, top_k=k), tokens, steps=steps, seed=seed)
+    validate(tr)
+    ids = tr.dense()[0]
+    g = np.arange(steps * tokens)
+    ref = from_dense(ids, np.full(ids.shape, 1.0 / k, dtype=np.float32), tr.meta, step=(g // tokens).astype(np.int32),
+                     token=g % tokens)
+    assert tr.columns.keys() == ref.columns.keys()
+    for name, col in ref.columns.items():
+        assert tr.columns[name].dtype == col.dtype, name
+        np.testing.assert_array_equal(tr.columns[name], col, err_msg=name)
+
+
 def test_expand_layer_rejects_impossible_counts():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="<= tokens"):

@@ -28,6 +28,14 @@ def test_load_imbalance_entropy_gini():
     np.testing.assert_allclose(stats.gini_of(np.array([0, 0, 0, 5.0])), 0.75)
 
 
+def test_array_forms_of_the_load_statistics():
+    # any [..., E] load (a load table, device loads): 3-D here, the statistic along the last axis
+    load = np.array([[[2, 2, 2, 2], [0, 0, 0, 7]], [[0, 0, 0, 0], [1, 1, 2, 0]]])
+    np.testing.assert_allclose(stats.max_over_mean(load), [[1.0, 4.0], [0.0, 2.0]])
+    np.testing.assert_allclose(stats.entropy_bits_of(load), [[2.0, 0.0], [0.0, 1.5]])
+    np.testing.assert_array_equal(stats.max_over_mean(stats.expert_load(T)), stats.imbalance(T))
+
+
 def test_affinity_and_coactivation():
     c = stats.pair_counts(T, 0)
     # token 0: {0,1}->{2,3}; token 1: {0,1}->{2,0}; token 2: {0,2}->{3,1}; token 3: {3,1}->{3,2}

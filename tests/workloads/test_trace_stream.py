@@ -59,6 +59,7 @@ def test_steps_read_back_equal_the_trace(trace, tmp_path, monkeypatch, writer):
     for g, w in zip(got, want):
         same_columns(g.columns, w.columns)
     assert stream.num_steps == STEPS and stream.num_tokens == trace.num_tokens
+    assert stream.expected_steps == (STEPS if writer == "stream" else None)
     assert stream.tokens_per_step() == trace.tokens_per_step()
     np.testing.assert_array_equal(stream.expert_load(), trace.expert_load())
     assert stream.notes == ()
@@ -191,4 +192,13 @@ def test_a_row_group_over_the_array_budget_is_refused_before_reading(trace, tmp_
     with pytest.raises(ValueError, match=r"t.parquet: row group 0 \(step 0\)"):
         next(TraceStream(path).steps())
     monkeypatch.setenv("MOESIM_MAX_ARRAY_BYTES", str(len(trace) // STEPS * 7 * 8))
+    assert len(list(TraceStream(path).steps())) == STEPS
+
+
+def test_unsorted_trace_is_written_grouped_by_step_with_a_matching_checksum(trace, tmp_path):
+    shuffled = trace.select(np.random.default_rng(0).permutation(len(trace)))
+    path = write_stream(shuffled, tmp_path / "t.parquet")
+    back = read_parquet(path)  # verifies the whole-file checksum
+    assert back.notes == () and np.all(np.diff(back.step) >= 0)
+    np.testing.assert_array_equal(back.expert_load(), trace.expert_load())
     assert len(list(TraceStream(path).steps())) == STEPS

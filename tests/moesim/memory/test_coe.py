@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hwmodels.specs import load_system
-from moesim.memory.coe import (Deployment, ExpertModel, Request, make_requests, serve, two_step_route,
+from moesim.memory.coe import (Deployment, ExpertModel, Request, make_requests, serve, two_step_route, zipf_route,
                                SCHEDULERS)
 
 LLAMA = ExpertModel.llama2_7b()
@@ -48,6 +48,16 @@ def test_cpsat_batches_interleaved_requests_to_cut_switches():
     sw = dep.switch_s(models[0])
     assert cp.switch_s == pytest.approx(2 * sw) and fifo.switch_s == pytest.approx(6 * sw)
     assert cp.service_s == pytest.approx(fifo.service_s)
+
+
+def test_zipf_route_favours_a_few_categories_and_is_what_requests_use():
+    cats, experts = zipf_route(2000, 4, np.random.default_rng(3), zipf_s=1.5, num_categories=10)
+    share = np.sort(np.bincount(cats, minlength=10))[::-1] / len(cats)
+    assert share[0] > 0.3 and share[-1] < 0.05  # Zipf(1.5) over 10: 0.50 for the top category, 0.016 for the last
+    assert experts.tolist() == (cats % 4).tolist()  # default table: category c -> expert c mod 4
+    reqs = make_requests(50, 4, np.random.default_rng(3), num_categories=10, zipf_s=1.5)
+    c, e = zipf_route(50, 4, np.random.default_rng(3), num_categories=10, zipf_s=1.5)
+    assert [r.category for r in reqs] == c.tolist() and [r.expert for r in reqs] == e.tolist()
 
 
 def test_two_step_routing_and_unknown_experts():

@@ -16,6 +16,7 @@ from moesim.place.eplb import eplb_assignment, node_replicas, pack_nodes
 from moesim.place.problem import PlacementProblem, placement_to_assignment
 from workloads import load_table as lt
 from workloads.importers import find_shared_traces
+from workloads.stats import max_over_mean
 
 SHARED = find_shared_traces(Path(__file__).resolve().parents[3])
 TABLE = None if SHARED is None else SHARED / "deepseek-v3-expert-loads" / "prefill_in4096.json.gz"
@@ -96,7 +97,7 @@ def test_real_loads_place_with_replicas():
     for method, replicas in (("contiguous", 0), ("greedy", 0), ("greedy", 32), ("eplb-hier", 32)):
         load = _placed_load(trace, method, 64, 8, replicas)
         np.testing.assert_allclose(load.sum(axis=1), 256 * 8)
-        mm[method, replicas] = lt.max_over_mean(load).mean()
+        mm[method, replicas] = max_over_mean(load).mean()
     # the table's hottest expert alone takes up to 0.43 of a layer's tokens (13x the mean of 256 experts):
     # without replicas no placement gets under that expert's share of a GPU; with 32 replicas greedy does
     hot = trace.expert_load().max(axis=1) / (256 * 8 / 64)  # hottest expert's tokens / mean tokens per GPU

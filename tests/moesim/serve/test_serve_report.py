@@ -92,3 +92,25 @@ def test_load_run_refuses_a_directory_that_is_not_a_serve_run(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"schema": "something/1"}))
     with pytest.raises(ValueError, match="no metrics.json of a 'moesim serve' run"):
         load_run(tmp_path)
+
+
+@pytest.mark.parametrize("ranks", [1, 8])
+def test_time_breakdown_adds_up_to_the_simulated_time(ranks):
+    """Timed over every iteration, the parts add up to the busy time, for explicit ranks and for one scheduler
+    whose cost pools the batch over 8 ranks (the slowest rank's or the pooled share's work is logged)."""
+    from hwmodels.specs import load_system
+    from moesim.serve import requests as rq
+    from moesim.serve.cost import IterationCost, ServeLayout
+    from moesim.serve.engine import Replica, simulate
+    from moesim.serve.kv import KVBlocks
+    from moesim.serve.metrics import time_breakdown
+    from moesim.serve.scheduler import SchedulerConfig
+    from workloads.hf_config import load_config
+
+    ic = IterationCost(load_config("olmoe-1b-7b"), load_system("dgx-h100"), ServeLayout(tp=1, ep=8, dp=8))
+    req = rq.generate("poisson", 20, 2, rq.LENGTH_MODELS["azure-conv-2023"], np.random.default_rng(0))
+    res = simulate(req, [Replica("colocated", ic, KVBlocks(ic.kv_capacity_blocks(16)), ranks=ranks)], SchedulerConfig())
+    b = time_breakdown(res, {"colocated": ic}, samples=10**6)["colocated"]
+    assert b["sampled_iterations"] == b["iterations"] == len(res.iterations["start_s"])
+    assert sum(b["parts_s"].values()) == pytest.approx(b["simulated_busy_s"], rel=1e-3)
+    assert b["parts_s"]["experts"] > 0 and b["parts_s"]["dispatch"] > 0

@@ -1,5 +1,6 @@
 """Studies: spec validation, executors agree, resume, Dask LocalCluster, report figures."""
 
+import html
 import json
 
 import numpy as np
@@ -48,6 +49,8 @@ def test_grid_expands_and_names_varied(tmp_path):
     ("[study]\nengin = 'des'\n[grid]\nnodes=[1]\n", "unknown key 'study.engin'"),
     ("[base]\nnodes = 0\n[grid]\ndtype=['bf16']\n", "'nodes' must be a positive integer"),
     ("[extra]\n", "unknown key 'extra'"),
+    ("[grid]\ncost = ['roofline', 'fast']\n", "key 'cost': unknown cost model 'fast'"),
+    ("[base]\ncost = 'calibrated'\n[grid]\nnodes = [1]\n", "key 'cost': unknown cost model 'calibrated'"),
 ])
 def test_bad_study_files(tmp_path, text, match):
     with pytest.raises(ValueError, match=match):
@@ -98,17 +101,17 @@ def test_unreachable_dask_scheduler(tmp_path):
 
 
 def test_report_has_expected_figures(tmp_path):
-    from moesim.report.study import build_figures, pareto_mask, write_study_report
+    from moesim.report.study import build_figures, write_study_report
 
     s = load_study(make(tmp_path, SMALL))
     rows = run_study(s, executor="serial")
     figs = build_figures(rows, list(s.varied), drill=5)
     assert [len(f.data) for _, f in figs] == [2, 1, 5, 5]
-    mask = pareto_mask([1, 2, 2, 3], [10, 5, 20, 15])
-    assert mask.tolist() == [True, False, True, False]
     out = write_study_report(s, drill=5)
     text = out.read_text()
     assert text.count('class="plotly-graph-div"') == 4 and "moesim-render-status" in text
+    assert (rows["cost_model"] == "gpu-fitted").all()  # cost = "default" on dgx-h100, which has a shipped fit
+    assert html.escape(rows["cost_description"].iloc[0]) in text  # which cost model ran, and its provenance
     try:
         import kaleido  # noqa: F401
     except ImportError:

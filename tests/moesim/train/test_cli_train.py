@@ -57,6 +57,8 @@ def test_what_if_rows_change_one_thing_each(tmp_path):
     assert rows["recompute full"]["memory_gb"] * GB < doc["memory_bytes"]["total"]["hbm"]
     assert rows["schedule interleaved"]["fits"] in ("yes", "no") or rows["schedule interleaved"]["fits"].startswith("n/a")
     assert "What if" in (tmp_path / "o" / "report.html").read_text()
+    assert rows["expert mode fssdp"]["step_time_s"] > doc["step_time_s"]  # balanced routing: FSSDP only adds gathers
+    assert rows["offload optimizer"]["memory_gb"] * GB < doc["memory_bytes"]["total"]["hbm"]
 
 
 def test_placement_file_is_used_for_trace_routing_and_checked(tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -101,3 +103,20 @@ def test_fssdp_options_are_checked(trace):
     with pytest.raises(TrainError, match="exclude each other"):
         simulate_step(flame_config(), load_system("dgx-h100"), _spec("fssdp"), RooflineCost(), trace=trace,
                       placement=contiguous(8, 64, 8))
+
+
+def test_a_first_sample_plan_is_the_placement_of_that_samples_loads(trace):
+    from moesim.train.fssdp import placement_from_trace
+    from moesim.train.moe import moe_times, sample_trace
+
+    system, cost, cfg = load_system("dgx-h100"), RooflineCost(), flame_config()
+    spec = TrainSpec(Parallel(dp=8, ep=8), seq_len=128, micro_batch_size=1, global_batch_size=32, routing="trace",
+                     routing_samples=4, expert_mode="fssdp", fssdp_plan="first-sample")
+    mt = moe_times(cfg, system, spec, cost, trace, placement=placement_from_trace(8, "first-sample"))
+    sampled, _ = sample_trace(trace, 8, 128, 4, 8)
+    first = lpt_placement(sampled.select(sampled.columns["step"] == 0).expert_load(), 8)
+    np.testing.assert_array_equal(mt.placement.slot_to_expert, first.slot_to_expert)
+    one = dataclasses.replace(spec, routing_samples=1)  # one sample: the first sample is the whole step
+    a = simulate_step(cfg, system, one, cost, trace=trace)
+    b = simulate_step(cfg, system, dataclasses.replace(one, fssdp_plan="oracle"), cost, trace=trace)
+    assert a.step_time_s == b.step_time_s and a.meta["fssdp_plan"] == "first-sample"

@@ -95,3 +95,21 @@ def test_tensor_parallel_adds_sequence_parallel_collectives_and_shards_weights()
     assert not any(p["phase"] == "tp_comm" for p in r1.phases)
     assert any(p["phase"] == "tp_comm" and p["time_s"] > 0 for p in r2.phases)
     assert r2.memory_bytes["weights"]["hbm"] < r1.memory_bytes["weights"]["hbm"]
+
+
+def test_communication_buffers_are_the_all_to_all_pair_or_the_gather_plus_pipeline_buffers():
+    from hwmodels.roofline import RooflineCost
+    from hwmodels.specs import load_system
+    from moesim.train.spec import Parallel, TrainSpec
+    from moesim.train.step import simulate_step
+    from tests.moesim.train.conftest import flame_config
+
+    cfg = flame_config()
+    h, t = cfg.hidden_size, 1024
+    spec = TrainSpec(Parallel(pp=2, dp=4, ep=4), seq_len=t, micro_batch_size=1, global_batch_size=8, dtype="fp8")
+    r = simulate_step(cfg, load_system("dgx-h100"), spec, RooflineCost(), check_memory=False)
+    x = t * cfg.num_experts_per_tok  # balanced: the busiest device receives its own share of choices
+    dispatch = x * (h * 1 + h // 128 * 4)  # fp8 values and one fp32 scale per 128
+    combine = x * h * 2  # bf16
+    pipeline = 2 * t * h * 2  # send and receive of the bf16 activation
+    assert all(s["comm_buffers"] == dispatch + combine + pipeline for s in r.memory_per_stage)

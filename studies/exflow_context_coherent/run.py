@@ -1,0 +1,108 @@
+"""ExFlow's context-coherent expert parallelism against the standard two all-to-alls, on the FLAME-MoE-290M
+routing trace (see README.md): token crossings and all-to-all time per MoE layer, then end-to-end serving.
+
+    .venv/bin/python studies/exflow_context_coherent/run.py [--json FILE] [--no-serve]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+TRACE = "flame-moe-290m"
+MODEL = "olmoe-1b-7b"  # 64 routed experts like the trace's model; hidden size 2048 sets the bytes per token
+SYSTEM = "dgx-h100"
+PLACEMENTS = ("contiguous", "balance", "traffic")
+TOKENS_PER_DEVICE = 256  # decode-sized batch per device for the all-to-all times
+
+
+def comm_rows(trace_fit, trace_eval, cfg, system, devices: int, per_node: int, seed: int) -> list[dict]:
+    """Crossings and all-to-all seconds per MoE layer for each placement, mode and top-k variant."""
+    from hwmodels.collectives import a2a_payload_bytes
+    from hwmodels.topology import all_to_all_routing
+    from moesim.serve import exflow
+    from moesim.train.collectives import group_system
+
+    routing = all_to_all_routing(group_system(system, devices))
+    bpt = a2a_payload_bytes(1, cfg.hidden_size, "bf16")
+    rows = []
+    for name in PLACEMENTS:
+        dev = exflow.expert_device(exflow.place(trace_fit, name, devices, per_node, seed=seed))
+        for top1 in (False, True):
+            for mode in exflow.MODES:
+                pairs = exflow.pair_tokens(trace_eval, dev, devices, mode, top1=top1)
+                comm = exflow.EPComm(pairs, routing, bpt, mode)
+                first, second = comm.layer_times_s(TOKENS_PER_DEVICE, pairs["dispatch"].shape[0])
+                rows.append({"devices": devices, "placement": name, "routing": "top-1" if top1 else "top-6 (as traced)",
+                             "mode": mode, "crossings_per_token_layer": exflow.crossings(pairs),
+                             "a2a_s_per_layer": float((first + second).mean())})
+    return rows
+
+
+def serve_rows(nodes: int, seed: int, rate: float, duration_s: float) -> list[dict]:
+    """Saturated serving of MODEL on SYSTEM x nodes, EP over all devices, per (mode, placement)."""
+    from moesim.cli import main
+
+    rows = []
+    for mode, kv, placement in (("standard", "-", "contiguous"), ("standard", "-", "traffic"),
+                                ("coherent", "replicated", "contiguous"), ("coherent", "replicated", "traffic"),
+                                ("coherent", "free", "contiguous"), ("coherent", "free", "traffic")):
+        with tempfile.TemporaryDirectory() as tmp:
+            args = ["serve", "--model", MODEL, "--system", SYSTEM, "--nodes", str(nodes), "--ep", str(8 * nodes),
+                    "--trace", TRACE, "--ep-mode", mode, "--placement", placement, "--rate", str(rate),
+                    "--duration-s", str(duration_s), "--seed", str(seed), "--no-report", "--out", tmp]
+            if kv != "-":
+                args += ["--coherent-kv", kv]
+            if main(args) != 0:
+                raise SystemExit(f"moesim {' '.join(args)} failed")
+            m = json.loads((Path(tmp) / "metrics.json").read_text())
+        rows.append({"nodes": nodes, "mode": mode, "coherent_kv": kv, "placement": placement,
+                     "output_tokens_per_s": m["throughput"]["output_tokens_per_s"],
+                     "tpot_ms_mean": m["latency_s"]["tpot"]["mean"] * 1e3,
+                     "ttft_ms_mean": m["latency_s"]["ttft"]["mean"] * 1e3,
+                     "duration_s": m["throughput"]["duration_s"],
+                     "kv_peak_fraction": m["kv"]["colocated"]["peak_fraction"],
+                     "preemptions": m["preemption"]["count"]})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-serve", action="store_true")
+    p.add_argument("--rate", type=float, default=100_000.0, help="arrivals per second (all at once: offline batch)")
+    p.add_argument("--duration-s", type=float, default=0.02)
+    args = p.parse_args(argv)
+    from hwmodels.specs import load_system
+    from moesim.serve import exflow
+    from workloads.hf_config import load_config
+    from workloads.importers import load_trace
+
+    fit, held = exflow.split_by_sequence(load_trace(TRACE))
+    cfg = load_config(MODEL)
+    out = {"comm": [], "serve": []}
+    for nodes in (1, 2):
+        system = load_system(SYSTEM).with_nodes(nodes)
+        out["comm"] += comm_rows(fit, held, cfg, system, 8 * nodes, 8, args.seed)
+    if not args.no_serve:
+        for nodes in (1, 2):
+            out["serve"] += serve_rows(nodes, args.seed, args.rate, args.duration_s)
+    for name, rows in out.items():
+        if rows:
+            print(f"\n{name}:")
+            print(" | ".join(rows[0]))
+            for r in rows:
+                print(" | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
