@@ -26,7 +26,7 @@ def run_case(rate: float, n: int) -> dict:
     from moesim.serve.engine import Replica, simulate
     from moesim.serve.kv import KVBlocks
     from moesim.serve.metrics import summarise
-    from moesim.serve.requests import AZURE_CONV_2023, generate
+    from workloads.requests import AZURE_CONV_2023, generate
     from moesim.serve.scheduler import SchedulerConfig
     from workloads.hf_config import load_config
 

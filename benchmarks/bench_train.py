@@ -201,10 +201,13 @@ def validate() -> list[dict]:
 
 
 def speed() -> list[dict]:
-    """Wall seconds of one DeepSeek-V3 step as GPUs, layers and micro-batches grow (balanced routing), and
-    with routing replayed from SGLang's DeepSeek-V3 expert-load table (loading the trace timed apart)."""
+    """Wall seconds of one DeepSeek-V3 step as GPUs, layers and micro-batches grow (balanced routing), with
+    routing replayed from SGLang's DeepSeek-V3 expert-load table or drawn from the generator fitted to the
+    embedded FLAME-MoE trace (reading and expanding the table, or fitting and generating, timed apart as
+    ``trace_load_s``), and with the bidirectional DualPipe schedule."""
     from hwmodels.specs import load_system
     from moesim.train.ops import default_cost
+    from moesim.train.routing import synthetic_trace
     from moesim.train.spec import Parallel, TrainSpec
     from moesim.train.step import simulate_step
     from workloads.hf_config import load_config
@@ -214,25 +217,29 @@ def speed() -> list[dict]:
     rows = []
     cfg = load_config("deepseek-v3")
     shared = find_shared_traces()
-    runs = [(32, 61, 1920, None), (128, 61, 7680, None), (256, 61, 15360, None), (256, 31, 15360, None),
-            (256, 61, 7680, None)]
+    runs = [(32, 61, 1920, None, "dualpipe"), (128, 61, 7680, None, "dualpipe"), (256, 61, 15360, None, "dualpipe"),
+            (256, 31, 15360, None, "dualpipe"), (256, 61, 7680, None, "dualpipe"),
+            (256, 61, 15360, None, "dualpipe-bidir"), (256, 61, 15360, "synthetic", "dualpipe")]
     if shared is not None:
-        runs.append((256, 61, 15360, f"{shipped_table_path('prefill_in4096', shared)}:tokens=8192,steps=2"))
-    for nodes, layers, gbs, trace_spec in runs:
+        runs.append((256, 61, 15360, f"{shipped_table_path('prefill_in4096', shared)}:tokens=8192,steps=2", "dualpipe"))
+    labels = {None: "balanced", "synthetic": "synthetic (fitted to FLAME-MoE-290M), 4 x 8192 tokens"}
+    for nodes, layers, gbs, routing, schedule in runs:
         system = load_system("hgx-h800").with_nodes(nodes)
         dp = nodes * 8 // 16
-        t0 = time.perf_counter()
-        trace = load_trace(trace_spec) if trace_spec else None
-        load_s = time.perf_counter() - t0 if trace_spec else 0.0
         spec = TrainSpec(Parallel(pp=16, dp=dp, ep=min(64, dp), zero=1), seq_len=4096, micro_batch_size=1,
-                         global_batch_size=gbs, schedule="dualpipe", recompute="selective", dtype="fp8",
-                         routing="trace" if trace else "balanced")
+                         global_batch_size=gbs, schedule=schedule, recompute="selective", dtype="fp8",
+                         routing="balanced" if routing is None else "synthetic" if routing == "synthetic" else "trace")
+        t0 = time.perf_counter()
+        trace = None if routing is None else synthetic_trace(cfg, spec, load_trace("default")) \
+            if routing == "synthetic" else load_trace(routing)
+        load_s = time.perf_counter() - t0 if routing else 0.0
         t0 = time.perf_counter()
         simulate_step(cfg.with_layers(layers), system, spec, default_cost(system.device), trace=trace,
                       check_memory=False)
-        rows.append({"gpus": nodes * 8, "layers": layers, "micro_batches": spec.num_micro_batches,
-                     "routing": "prefill_in4096 table, 2 x 8192 tokens, 4 samples" if trace else "balanced",
-                     "trace_load_s": load_s, "wall_s": time.perf_counter() - t0})
+        wall_s = time.perf_counter() - t0
+        rows.append({"gpus": nodes * 8, "layers": layers, "micro_batches": spec.num_micro_batches, "schedule": schedule,
+                     "routing": labels.get(routing, "prefill_in4096 table, 2 x 8192 tokens, 4 samples"),
+                     "trace_load_s": load_s, "wall_s": wall_s, "total_s": load_s + wall_s})
     return rows
 
 
@@ -255,8 +262,9 @@ def main(argv: list[str] | None = None) -> Path:
         lines += md_table(sensitivity(), "{:,.4g}").split("\n") + [""]
     if do_speed:
         lines += ["Speed: `.venv/bin/python -m benchmarks.bench_train --speed` (wall seconds of one simulated "
-                  "DeepSeek-V3 step, PP16 EP64 DualPipe on hgx-h800 nodes, one run each; trace_load_s: reading and "
-                  "expanding the trace, apart)", ""] + md_table(speed(), "{:,.4g}").split("\n") + [""]
+                  "DeepSeek-V3 step, PP16 EP64 on hgx-h800 nodes, one run each; trace_load_s: reading and "
+                  "expanding the trace, or fitting the generator and drawing the routing, apart; total_s: both)",
+                  ""] + md_table(speed(), "{:,.4g}").split("\n") + [""]
     return write_result("train", lines)
 
 

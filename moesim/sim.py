@@ -41,6 +41,7 @@ from workloads.trace import Trace
 OP_COLUMNS = ["op", "step", "micro_batch", "layer", "device", "start_at_s", "end_at_s", "flops", "bytes"]
 COMPUTE_OPS = ("router", "shared_ffn", "expert_ffn")
 COMM_OPS = ("dispatch", "combine")
+DISPATCH_DEDUP = ("none", "gpu", "node")  # copies per dispatched token: see SimOptions
 
 
 class SimulationError(ValueError):
@@ -61,6 +62,10 @@ class SimOptions:
     combines in bf16.
     comm_kernel: key of :data:`hwmodels.collectives.COMM_KERNEL_SMS` (or ``"none"``): the SMs the all-to-all
     kernel takes from a GEMM that runs while it is in flight (honoured by cost models with SMs, e.g. gpu-fitted).
+    dispatch_dedup: copies the dispatch sends (:data:`DISPATCH_DEDUP`, :func:`dedup_pair_keys`): ``none`` one per
+    (token, expert) choice; ``gpu`` one per (token, destination device); ``node`` one per (token, destination node)
+    over scale-out links to the device of the sender's local rank in that node, which forwards one per
+    (token, destination device) over scale-up links (DeepEP normal kernels). The combine is the reverse.
     """
 
     micro_batches: int = 1
@@ -71,6 +76,7 @@ class SimOptions:
     dispatch_dtype: str | None = None
     combine_dtype: str | None = None
     comm_kernel: str = "deepep-normal-v1"
+    dispatch_dedup: str = "none"
 
     def __post_init__(self):
         if self.micro_batches < 1:
@@ -84,6 +90,8 @@ class SimOptions:
                 raise SimulationError(f"unknown {name} {getattr(self, name)!r}; known: {sorted(DTYPE_BYTES)}")
         if self.comm_kernel != "none" and self.comm_kernel not in COMM_KERNEL_SMS:
             raise SimulationError(f"unknown comm_kernel {self.comm_kernel!r}; known: none, {', '.join(COMM_KERNEL_SMS)}")
+        if self.dispatch_dedup not in DISPATCH_DEDUP:
+            raise SimulationError(f"unknown dispatch_dedup {self.dispatch_dedup!r}; known: {', '.join(DISPATCH_DEDUP)}")
 
     @property
     def comm_sms(self) -> int:
@@ -95,7 +103,8 @@ class SimOptions:
 class Routed:
     """The trace aggregated per group g = (step, micro_batch, layer), vectorised.
 
-    pair_tokens [G, D, D]: (token, expert) choices sent from src device (row) to dst device (column);
+    pair_tokens [G, D, D]: copies sent from src device (row) to dst device (column): (token, expert) choices, or
+    fewer with ``SimOptions.dispatch_dedup`` (:func:`dedup_pair_keys`);
     expert_tokens [G, D, E]: choices each device computes for each expert;
     router_tokens [G, D]: tokens each device routes; group_key [G, 3]: (step, micro_batch, layer);
     num_tokens: tokens of all steps.
@@ -178,8 +187,9 @@ def _tokens_per_step(token: np.ndarray, step_idx: np.ndarray, num_steps: int) ->
 
 
 def aggregate(trace: Trace, placement: Placement, num_devices: int, options: SimOptions,
-              rng: np.random.Generator) -> Routed:
-    """Vectorised routing: bincounts per (step, micro_batch, layer) of sources, destinations and experts."""
+              rng: np.random.Generator, devices_per_node: int | None = None) -> Routed:
+    """Vectorised routing: bincounts per (step, micro_batch, layer) of sources, destinations and experts.
+    ``devices_per_node`` (default: all devices in one node) matters only to ``dispatch_dedup="node"``."""
     c = trace.columns
     m, d_count, e_count = options.micro_batches, num_devices, trace.meta.num_experts
     l_count = trace.meta.num_layers
@@ -215,11 +225,16 @@ def aggregate(trace: Trace, placement: Placement, num_devices: int, options: Sim
             if rows.size:
                 dst[rows] = route(placement, sl % l_count, src[rows], c["expert"][rows], c["token"][rows], rng)
     g = t_group[row_token] * l_count + layer
-    del row_token, step_idx
+    del step_idx
     g_count = len(steps) * m * l_count
-    key = g * (d_count * d_count)  # in-place key arithmetic: one int64 per row at a time
-    key += src * np.int64(d_count)
-    key += dst
+    if options.dispatch_dedup == "none":
+        key = g * (d_count * d_count)  # in-place key arithmetic: one int64 per row at a time
+        key += src * np.int64(d_count)
+        key += dst
+    else:
+        key = dedup_pair_keys(g, row_token * l_count + layer, src, dst, d_count,
+                              options.dispatch_dedup, devices_per_node or d_count)
+    del row_token
     pair = np.bincount(key, minlength=g_count * d_count * d_count)
     del key, src
     g *= d_count
@@ -234,6 +249,31 @@ def aggregate(trace: Trace, placement: Placement, num_devices: int, options: Sim
     return Routed(group_key=keys, pair_tokens=pair.reshape(g_count, d_count, d_count),
                   expert_tokens=expert.reshape(g_count, d_count, e_count),
                   router_tokens=router.reshape(g_count, d_count), num_tokens=int(n_per_step.sum()))
+
+
+def dedup_pair_keys(group: np.ndarray, token_layer: np.ndarray, src: np.ndarray, dst: np.ndarray, d_count: int,
+                    mode: str, devices_per_node: int) -> np.ndarray:
+    """Keys ``(group * D + sender) * D + receiver`` of the copies one all-to-all sends, one per row of the
+    trace's (token, expert) choices in, de-duplicated (``token_layer``: a (token, layer) id per row):
+
+    - ``gpu``: one copy per (token, destination device);
+    - ``node``: one copy per (token, destination node n != the source's) from src to its relay, the device of
+      src's local rank in node n (scale-out), plus one per (token, destination device) from the relay of dst's
+      node (src itself in its own node) to dst (scale-up; none where the relay is dst: device-local).
+    """
+    per_dst = np.unique(token_layer * d_count + dst, return_index=True)[1]
+    g, s, d = group[per_dst], src[per_dst].astype(np.int64), dst[per_dst].astype(np.int64)
+    if mode == "gpu":
+        return (g * d_count + s) * d_count + d
+    node_d = d // devices_per_node
+    relay = node_d * devices_per_node + s % devices_per_node
+    forward = (g * d_count + relay) * d_count + d
+    n_dst = dst.astype(np.int64) // devices_per_node
+    per_node = np.unique(token_layer * (d_count // devices_per_node + 1) + n_dst, return_index=True)[1]
+    per_node = per_node[n_dst[per_node] != src[per_node] // devices_per_node]
+    s_n = src[per_node].astype(np.int64)
+    relay_n = n_dst[per_node] * devices_per_node + s_n % devices_per_node
+    return np.concatenate([forward, (group[per_node] * d_count + s_n) * d_count + relay_n])
 
 
 def simulate(system: System, model: MoEModel, placement: Placement, trace: Trace, *,
@@ -257,7 +297,8 @@ def prepare(system: System, model: MoEModel, placement: Placement, trace: Trace,
     meta_t = trace.meta
     check_trace_fits_model(trace, model)
     placement.check_fits(meta_t.num_layers, meta_t.num_experts, system.num_devices)
-    routed = aggregate(trace, placement, system.num_devices, options, np.random.default_rng(seed))
+    routed = aggregate(trace, placement, system.num_devices, options, np.random.default_rng(seed),
+                       system.devices_per_node)
     a2a = a2a if a2a is not None else all_to_all_routing(system)
     return routed, a2a, activation_bytes(model, options)
 
@@ -471,6 +512,7 @@ def collect_result(df: pd.DataFrame, now: float, totals: RoutingTotals, a2a: All
             "replica_routing": options.replica_routing, "activation_bytes_per_token": act_bytes.dispatch_bytes,
             "combine_bytes_per_token": act_bytes.combine_bytes,
             "dispatch_dtype": options.dispatch_dtype or options.dtype, "combine_dtype": options.combine_dtype or options.dtype,
-            "all_to_all_model": collective_model(cost, system).name, "comm_kernel": options.comm_kernel}
+            "all_to_all_model": collective_model(cost, system).name, "comm_kernel": options.comm_kernel,
+            **({"dispatch_dedup": options.dispatch_dedup} if options.dispatch_dedup != "none" else {})}
     return Result(ops=df, total_time_s=float(now), layer_time_s=layer_time, layer_compute_s=comp, layer_comm_s=comm,
                   device_tokens=totals.device_tokens, link_bytes=link_bytes, tokens=tokens, meta=meta)

@@ -72,7 +72,7 @@ def replay_steps(system: System, model: MoEModel, placement: Placement, steps: I
             raise SimulationError(f"a chunk of the trace has {chunk.meta.num_layers} layers x "
                                   f"{chunk.meta.num_experts} experts, the first had {meta.num_layers} x "
                                   f"{meta.num_experts}")
-        routed = aggregate(chunk, placement, system.num_devices, options, rng)
+        routed = aggregate(chunk, placement, system.num_devices, options, rng, system.devices_per_node)
         total = expected_steps * options.micro_batches * meta.num_layers if expected_steps else None
         step_progress = None if progress is None else (
             lambda d, t, base=done: progress(base + d, max(total or 0, base + t)))

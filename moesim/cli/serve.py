@@ -39,6 +39,16 @@ def register(sub) -> None:
                    "EP group holds every request's KV, all-gathered per layer) | free (no copies: the mode's bound)")
     p.add_argument("--placement", default=None, help="expert placement method fitted on --trace (a 'moesim place' "
                    "method, e.g. contiguous, traffic, balance); default contiguous when --ep-mode is set")
+    p.add_argument("--redundant-slots", type=int_in(0, 1_000_000), default=0,
+                   help="redundant expert slots of --placement (EPLB-style replicas of hot experts over the EP group; "
+                   "a choice goes to a copy local-first)")
+    p.add_argument("--request-routing", action="store_true", help="per-request routing from --trace: each request's "
+                   "tokens take consecutive trace rows from a seeded start, so expert loads follow the batch")
+    p.add_argument("--expert-cache-gb", type=float_in(0, 1e6, open_lo=True), default=None,
+                   help="offloaded serving: HBM per device for routed experts (the rest in DDR/host memory, fetched "
+                   "on a miss); needs --trace and --ep 1")
+    p.add_argument("--cache-policy", default="lru", help="expert cache policy (moesim.memory.cache CACHE_POLICIES: "
+                   "lru, lfu, pregate, affinity, belady)")
     p.add_argument("--disaggregate", default=None, metavar="P:D",
                    help="separate prefill and decode pools of P and D devices (P + D = the system's devices)")
     p.add_argument("--max-num-batched-tokens", type=int_in(1, 10_000_000), default=8192,
@@ -72,7 +82,7 @@ def register(sub) -> None:
 def _requests(args):
     import numpy as np
 
-    from moesim.serve import requests as rq
+    from workloads import requests as rq
 
     if args.arrivals is not None:
         req = rq.load_arrivals(args.arrivals)
@@ -132,6 +142,15 @@ def _replicas(args, system, cfg, sched, trace):
     from moesim.serve.engine import Replica
     from moesim.serve.kv import KVBlocks
 
+    routing = None
+    if args.request_routing:
+        if trace is None:
+            raise ServeError("--request-routing needs --trace (the rows requests draw their routing from)")
+        from moesim.serve.routing import RequestRouting
+        try:
+            routing = RequestRouting(trace, seed=args.seed)
+        except ValueError as exc:
+            raise ServeError(str(exc)) from None
     out = []
     for role, pool, devices in _pools(args, system):
         if devices % args.tp:
@@ -140,7 +159,8 @@ def _replicas(args, system, cfg, sched, trace):
         layout = ServeLayout(tp=args.tp, ep=args.ep, dp=dp)
         ic = IterationCost(cfg, pool, layout, _cost(args, pool.device), dtype=args.dtype,
                            memory_fraction=args.memory_fraction, trace=trace, two_batch_overlap=args.two_batch_overlap,
-                           **_placed(args, cfg, pool, trace))
+                           **_placed(args, cfg, pool, trace), expert_cache=_expert_cache(args, cfg, pool, trace),
+                           request_routing=routing)
         host = None
         if sched.preemption == "swap":
             blocks = ic.host_kv_capacity_blocks(sched.block_size, args.swap_space_gib * GiB)
@@ -150,10 +170,27 @@ def _replicas(args, system, cfg, sched, trace):
     return out
 
 
+def _expert_cache(args, cfg, pool, trace):
+    """The HBM expert cache of ``--expert-cache-gb`` (None without it)."""
+    if args.expert_cache_gb is None:
+        return None
+    from moebase.units import GB
+    from moesim.serve.cost import ServeError
+    from moesim.serve.offload import build
+
+    try:
+        return build(cfg, pool, trace, args.expert_cache_gb * GB, args.cache_policy, args.tp, args.ep, args.dtype)
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
+
+
 def _placed(args, cfg, pool, trace) -> dict:
     """IterationCost arguments of ``--placement`` (the experts' placement, fitted on ``--trace``) and ``--ep-mode``
     (the trace's all-to-alls on it, standard or context-coherent); empty when neither is given."""
     if args.ep_mode is None and args.placement is None:
+        if args.redundant_slots:
+            from moesim.serve.cost import ServeError
+            raise ServeError("--redundant-slots needs --placement (the method that places the replicas)")
         return {}
     from moesim.serve import exflow
     from moesim.serve.cost import ServeError
@@ -166,7 +203,11 @@ def _placed(args, cfg, pool, trace) -> dict:
     if trace.meta.num_experts != cfg.num_experts:
         raise ServeError(f"--trace has {trace.meta.num_experts} experts per layer, --model {cfg.num_experts}")
     per_node = min(pool.devices_per_node, args.ep)
-    placement = exflow.place(trace, args.placement or "contiguous", args.ep, per_node, seed=args.seed)
+    try:
+        placement = exflow.place(trace, args.placement or "contiguous", args.ep, per_node, seed=args.seed,
+                                 num_replicas=args.redundant_slots)
+    except ValueError as exc:
+        raise ServeError(f"--placement {args.placement} --redundant-slots {args.redundant_slots}: {exc}") from None
     from hwmodels.roofline import DTYPE_BYTES
     from moesim.serve.cost import kv_elements_per_token_layer
     if args.ep_mode is None:  # placement only: the training engine's MoE phases on it
@@ -213,6 +254,9 @@ def run(args) -> int:
     metrics = summarise(result, num_devices=system.num_devices, num_nodes=system.num_nodes,
                         slo_ttft_s=args.slo_ttft_s, slo_tpot_s=args.slo_tpot_s)
     metrics["iteration_time"] = time_breakdown(result, {r.name: r.cost for r in replicas})
+    if args.expert_cache_gb is not None:
+        from moesim.serve.offload import cache_metrics
+        metrics["expert_cache"] = cache_metrics(result, {r.name: r.cost for r in replicas})
     metrics["config"] = _config(args, cfg, system, req, replicas, sched, wall_s)
     _write(args, result, metrics)
     if not args.no_report:
@@ -230,7 +274,9 @@ def _config(args, cfg, system, req, replicas, sched, wall_s) -> dict:
                           "preemption": sched.preemption},
             "pools": {r.name: r.cost.describe() for r in replicas}, "disaggregate": args.disaggregate,
             "routing": "trace" if args.trace else "balanced", "trace": args.trace, "ep_mode": args.ep_mode,
-            "placement": args.placement, "wall_s": wall_s}
+            "placement": args.placement, "redundant_slots": args.redundant_slots,
+            "request_routing": args.request_routing, "expert_cache_gb": args.expert_cache_gb,
+            "cache_policy": args.cache_policy if args.expert_cache_gb is not None else None, "wall_s": wall_s}
 
 
 def _write(args, result, metrics: dict) -> None:

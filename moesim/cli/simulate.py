@@ -38,6 +38,12 @@ def _comm_kernels() -> list[str]:
     return ["none", *COMM_KERNEL_SMS]
 
 
+def _dedup_modes() -> list[str]:
+    from moesim.sim import DISPATCH_DEDUP
+
+    return list(DISPATCH_DEDUP)
+
+
 def register(sub) -> None:
     p = sub.add_parser("simulate", help="replay a routing trace on a modelled system",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -59,6 +65,10 @@ def register(sub) -> None:
     p.add_argument("--comm-kernel", default=argparse.SUPPRESS, choices=_LazyChoices(_comm_kernels), metavar="KERNEL",
                    help="communication kernel family whose SMs an overlapping all-to-all takes from compute, one of: "
                    "%(choices)s ('none': no SMs; unset: the simulator's default family)")
+    p.add_argument("--dispatch-dedup", default=argparse.SUPPRESS, choices=_LazyChoices(_dedup_modes),
+                   metavar="MODE", help="copies the all-to-all dispatch sends per token, one of %(choices)s: none (one per (token, expert) choice; "
+                   "default), gpu (one per (token, destination GPU)), node (one per (token, destination node) over "
+                   "scale-out, forwarded per destination GPU inside the node, as DeepEP's normal kernels)")
     p.add_argument("--cost", default="default", help="cost model: default (the fitted GPU model where the device "
                    "spec ships fitted parameters, else roofline) | roofline | gpu-fitted | calibrated")
     p.add_argument("--profile", default=None, help="kernel-timing profile (.parquet) for --cost calibrated")
@@ -135,7 +145,7 @@ def run(args) -> int:
     if getattr(cost, "dtype", args.dtype) != args.dtype:
         raise ValueError(f"--profile {args.profile} was measured in {cost.dtype}, not {args.dtype}; simulate with "
                          f"--dtype {cost.dtype} or calibrate with --dtype {args.dtype}")
-    comm = {key: getattr(args, key) for key in ("dispatch_dtype", "combine_dtype", "comm_kernel")
+    comm = {key: getattr(args, key) for key in ("dispatch_dtype", "combine_dtype", "comm_kernel", "dispatch_dedup")
             if getattr(args, key, None) is not None}  # unset flags keep SimOptions' defaults
     options = SimOptions(micro_batches=args.micro_batches, dtype=args.dtype, **comm)
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--micro-batch-size", type=int_in(1, 1_000_000), default=1, help="sequences per micro-batch")
     p.add_argument("--global-batch-size", type=int_in(1, 100_000_000), default=None,
                    help="sequences per step (default: 8 micro-batches x dp)")
-    p.add_argument("--schedule", default="1f1b", help="1f1b | interleaved | dualpipe")
+    p.add_argument("--schedule", default="1f1b", help="1f1b | interleaved | dualpipe | dualpipe-bidir")
     p.add_argument("--virtual-stages", type=int_in(1, 1024), default=None,
                    help="model chunks per stage (interleaved; default 2)")
     p.add_argument("--first-stage-layers", type=int_in(0, 100000), default=0, help="blocks of the first pipeline chunk (0: even)")

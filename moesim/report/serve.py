@@ -2,7 +2,7 @@
 
 Read from the run directory only (``metrics.json``, ``requests.csv``, ``iterations.csv``), so a report can be
 rebuilt later: latency CDFs (TTFT, TPOT, end to end), throughput over time, KV memory per tier over time,
-where the iterations' time goes, and the configuration. Every user string (model, system, device, trace and
+where the iterations' time goes, the expert cache (offloaded serving), and the configuration. Every user string (model, system, device, trace and
 file names, table cells) is escaped; figures carry no user strings (replica roles are fixed words).
 The page records JavaScript errors and a render status (tests/moesim/report/test_browser_serve_report.py).
 """
@@ -35,6 +35,7 @@ PART_DEFS = {
     "combine": "the all-to-all bringing expert outputs back",
     "LM head": "final norm and LM head of the sequences that sample a token",
     "KV swap": "KV copied between HBM and host memory for swapped preemptions",
+    "expert fetch stall": "time waiting for routed-expert weights fetched into HBM on cache misses",
     "hidden by two-batch overlap": "(negative) time the two micro-batches' overlap saves",
 }
 
@@ -200,6 +201,17 @@ def _breakdown_html(m: dict, rows: list[dict]) -> str:
     return notes + table_html(rows) + definitions_html(PART_DEFS)
 
 
+def _cache_table(caches: dict) -> str:
+    rows = [{"pool": name, "policy": c["policy"], "capacity (experts)": c["capacity_experts_per_device"],
+             "backing tier": c["backing_tier"], "hit rate %": "" if c["hit_rate"] is None else 100 * c["hit_rate"],
+             "stall (s)": c["stall_s"],
+             **{f"{path} (GB)": v / GB for path, v in c["bytes_by_path_per_device"].items()}}
+            for name, c in caches.items()]
+    return table_html(rows) + definitions_html({
+        "hit rate %": "expert accesses (layer, expert, iteration) whose weights were in HBM",
+        "stall (s)": "time iterations waited for fetched expert weights over the run (one rank)"})
+
+
 def write_serve_report(run_dir: str | Path, path: str | Path | None = None) -> Path:
     """Write the report of the serve run in ``run_dir`` to ``path`` (default RUN_DIR/report.html)."""
     m, req, it = load_run(run_dir)
@@ -213,6 +225,8 @@ def write_serve_report(run_dir: str | Path, path: str | Path | None = None) -> P
                  ("KV memory per tier over time", _memory_figure(m, it))]
     if rows:
         sections.append(("Where the iterations' time goes", _breakdown_figure(rows)))
+    if m.get("expert_cache"):
+        sections.append(("Expert cache (routed experts in HBM, per device)", _cache_table(m["expert_cache"])))
     sections += [("Where the iterations' time goes (table)", _breakdown_html(m, rows)),
                  ("Configuration", _config_table(m) + STATUS_SCRIPT)]
     title = f"moesim serve: {m['config']['model']} on {m['config']['system']}"

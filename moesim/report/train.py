@@ -13,7 +13,7 @@ from moesim.report.html import write_report as _write_html
 from moesim.train.step import TrainResult
 
 MAX_TIMELINE_SLOTS = 4000
-COLORS = {"F": "#4C78A8", "B": "#F58518", "FB": "#54A24B"}
+COLORS = {"F": "#4C78A8", "B": "#F58518", "FB": "#54A24B", "W": "#B279A2"}
 
 
 def time_by_phase(result: TrainResult) -> list[dict]:

@@ -1,7 +1,7 @@
 """Composition of Experts (CoE) on the serving engine: whole-model switching as shared-bandwidth transfers.
 
 A CoE node serves ``num_experts`` expert models of one architecture (Samba-CoE: Llama-2-7B-class experts)
-one at a time on all its ``tp`` devices. Requests arrive (:mod:`moesim.serve.requests`) and are routed in
+one at a time on all its ``tp`` devices. Requests arrive (:mod:`workloads.requests`) and are routed in
 two steps, prompt -> category -> expert (:func:`moesim.memory.coe.two_step_route`). The node's HBM holds
 ``slots`` models; every model lives in the capacity tier behind HBM (``ddr`` on an SN40L socket, ``host``
 memory behind PCIe on a GPU: :meth:`moesim.memory.tiers.MemoryHierarchy.backing_tier`, chosen by
@@ -42,7 +42,7 @@ from moesim.memory.tiers import MemoryHierarchy, SimMemory
 from moesim.serve.cost import IterationCost, ServeError, ServeLayout, pool_system
 from moesim.serve.engine import Replica, simulate
 from moesim.serve.kv import KVBlocks
-from moesim.serve.requests import Requests
+from workloads.requests import Requests
 from moesim.serve.scheduler import SchedulerConfig
 from workloads.hf_config import ModelConfig
 

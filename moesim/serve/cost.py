@@ -43,6 +43,10 @@ all-to-alls of a routing trace on an expert placement, standard (two per layer) 
 mode (one per layer, plus the top-k reduce and the KV all-gather; each device then holds the KV of every rank
 of its EP group, ``kv_replicas``). Expert compute stays the training engine's (balanced or trace routing).
 
+``expert_cache`` (:class:`moesim.serve.offload.ExpertCache`): offloaded serving; HBM holds the dense weights and
+the cache's routed experts (``weight_bytes_per_device``), and each iteration adds the time it waits for
+expert weights fetched on misses (``expert_stall_s``).
+
 ``two_batch_overlap``: the rank's batch is split into two micro-batches whose attention/expert compute
 and dispatch/combine all-to-alls alternate on two streams (:func:`two_batch_makespan`); each phase is timed
 at half the tokens (exact, memoized per token count: no interpolation on this path).
@@ -72,7 +76,7 @@ DEFAULT_MEMORY_FRACTION = 0.9
 OWN_PHASES = ("attention_core",)
 #: the parts of :meth:`IterationCost.breakdown_s`, in the order an iteration runs them
 BREAKDOWN_PARTS = ("embedding", "attention side", "attention core", "dispatch", "shared experts", "experts",
-                   "combine", "LM head", "KV swap", "hidden by two-batch overlap")
+                   "combine", "LM head", "KV swap", "expert fetch stall", "hidden by two-batch overlap")
 
 
 class ServeError(ValueError):
@@ -157,6 +161,8 @@ class BatchWork:
     attention_pairs: float
     kv_tokens_read: float
     swap_tokens: int = 0
+    #: trace rows of the batch's tokens (all ranks'; :class:`moesim.serve.routing.RequestRouting`), or None
+    routing_rows: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -177,6 +183,9 @@ class IterationCost:
     two_batch_overlap: bool = False
     ep_comm: object | None = None  # moesim.serve.exflow.EPComm: trace-and-placement all-to-alls (standard/coherent)
     placement: object | None = None  # moesim.placement.Placement of the trace's layers (trace routing only)
+    expert_cache: object | None = None  # moesim.serve.offload.ExpertCache: routed experts cached in HBM
+    request_routing: object | None = None  # moesim.serve.routing.RequestRouting: per-request trace rows
+    _routed: tuple | None = field(default=None, repr=False)
     _linear: dict = field(default_factory=dict, repr=False)
     _parts: dict = field(default_factory=dict, repr=False)
     _accepted: set = field(default_factory=set, repr=False)
@@ -190,6 +199,8 @@ class IterationCost:
             raise ServeError(f"--ep {self.layout.ep} needs an MoE model; {self.cfg.name!r} is dense")
         if self.cfg.is_moe and self.cfg.num_experts % self.layout.ep:
             raise ServeError(f"--ep {self.layout.ep} must divide the {self.cfg.num_experts} routed experts")
+        if self.request_routing is not None:
+            self._check_request_routing()
         if not 0 < self.memory_fraction <= 1:
             raise ServeError(f"memory fraction must lie in (0, 1], got {self.memory_fraction}")
         if self.cost is None:
@@ -223,7 +234,10 @@ class IterationCost:
         pc = embedding_params(cfg, lay.tp, first=True, last=True)
         for layer in range(cfg.num_hidden_layers):
             pc = pc + block_params(cfg, layer, lay.tp, lay.ep)
-        return (pc.dense + pc.expert) * DTYPE_BYTES[self.dtype]
+        routed = pc.expert * DTYPE_BYTES[self.dtype]
+        if self.expert_cache is not None:  # offloaded: only the cache's share of the routed experts in HBM
+            routed = min(routed, self.expert_cache.capacity_experts * self.expert_cache.expert_bytes)
+        return pc.dense * DTYPE_BYTES[self.dtype] + routed
 
     @property
     def hbm_budget_bytes(self) -> float:
@@ -305,6 +319,43 @@ class IterationCost:
                          routing="trace" if self.trace is not None else "balanced", routing_samples=1)
         return moe_times(self.cfg, self.system, spec, self.cost, self.trace, placement=self.placement)
 
+    def _check_request_routing(self):
+        rr = self.request_routing
+        if not self.cfg.is_moe or rr.meta.num_experts != self.cfg.num_experts:
+            raise ServeError(f"--request-routing: the trace has {rr.meta.num_experts} experts per layer, "
+                             f"{self.cfg.name!r} {self.cfg.num_experts if self.cfg.is_moe else 0}")
+        for name in ("ep_comm", "expert_cache", "two_batch_overlap"):
+            if getattr(self, name):
+                raise ServeError(f"--request-routing does not combine with {name.replace('_', '-')} yet")
+
+    def routed_moe(self, rows: np.ndarray):
+        """The training engine's MoE phases (:class:`moesim.train.moe.MoETimes`, one sample) of the EP group routing
+        the tokens at trace ``rows`` (all ranks' tokens of one iteration) on ``placement``: ``ceil(n / ep)`` tokens per
+        device; a batch of fewer tokens than devices is tiled to one per device, and when ``ep`` does not divide
+        ``n`` the first ``ep * floor(n / ep)`` are replayed, scaled (``moesim.train.moe``'s window). Memoized for the
+        last ``rows`` object (every rank of an iteration shares it)."""
+        if self._routed is not None and self._routed[0] is rows:
+            return self._routed[1]
+        lay = self.layout
+        replay = rows if len(rows) >= lay.ep else np.resize(rows, lay.ep)
+        per_device = -(-len(replay) // lay.ep)
+        spec = TrainSpec(parallel=lay.parallel(), seq_len=per_device * lay.tp, micro_batch_size=1,
+                         global_batch_size=lay.dp, dtype=self.dtype, routing="trace", routing_samples=1)
+        mt = moe_times(self.cfg, self.system, spec, self.cost, self.request_routing.trace(replay),
+                       placement=self.placement)
+        self._routed = (rows, mt)
+        return mt
+
+    def routed_linear_s(self, tokens: int, rows: np.ndarray) -> float:
+        """``linear(T)`` (exact) with the MoE dispatch, routed experts and combine of :meth:`routed_moe` on ``rows``
+        instead of the cost's static routing; the rest (router, shared experts, attention side) at ``tokens``."""
+        p = self.layer_parts(tokens)
+        mt = self.routed_moe(rows)
+        moe = list(self.cfg.moe_layers)
+        dispatch, expert, combine = p.dispatch_s.copy(), p.expert_s.copy(), p.combine_s.copy()
+        dispatch[moe], expert[moe], combine[moe] = mt.dispatch_s[0], mt.expert_s[0], mt.combine_s[0]
+        return p.embed_s + float(np.sum(p.pre_s + np.maximum(dispatch, p.shared_s) + expert + combine))
+
     def _linear_at(self, t: int) -> float:
         v = self._linear.get(t)
         if v is None:
@@ -375,20 +426,37 @@ class IterationCost:
         """One rank's share of the whole batch ``w`` split evenly over the ``dp`` ranks (the pooled model)."""
         dp = self.layout.dp
         return BatchWork(-(-w.tokens // dp), -(-w.sampled // dp), w.attention_pairs / dp, w.kv_tokens_read / dp,
-                         w.swap_tokens / dp)
+                         w.swap_tokens / dp, routing_rows=w.routing_rows)
 
     def ranks_iteration_s(self, works: list[BatchWork]) -> float:
         """Seconds of one iteration of the ``dp`` ranks doing ``works`` (one each) in lock step: the slowest
         rank's (its whole iteration; layer-by-layer waits are not modelled finer)."""
         return max(self.rank_s(w) for w in works)
 
+    def non_expert_s_per_layer(self, tokens: int) -> float:
+        """Mean seconds per MoE layer outside the routed experts (what expert prefetches overlap), at the token
+        count the expert cache is replayed at."""
+        p = self.layer_parts(self.expert_cache.batch_tokens(tokens))
+        moe = list(self.cfg.moe_layers)
+        other = p.pre_s + np.maximum(p.dispatch_s, p.shared_s) + p.combine_s
+        return float(other[moe].mean())
+
+    def expert_stall_s(self, tokens: int) -> float:
+        """Seconds one rank's iteration of ``tokens`` waits for routed-expert weights (0 without a cache)."""
+        if self.expert_cache is None or tokens <= 0:
+            return 0.0
+        return self.expert_cache.per_batch(tokens, self.non_expert_s_per_layer(tokens))["stall_s"]
+
     def rank_s(self, w: BatchWork) -> float:
         """Seconds of one rank doing ``w`` (see the module docstring)."""
         if w.tokens <= 0:
             return self.swap_s(w.swap_tokens)
-        rest = self.head_s(w.sampled) + self.swap_s(w.swap_tokens)
+        rest = self.head_s(w.sampled) + self.swap_s(w.swap_tokens) + self.expert_stall_s(w.tokens)
         if self.two_batch_overlap and w.tokens >= 2:
             return rest + self.two_batch_s(w)
+        if w.routing_rows is not None and self.request_routing is not None:
+            return rest + self.routed_linear_s(w.tokens, w.routing_rows) + self.attention_s(
+                w.attention_pairs, w.kv_tokens_read, w.tokens)
         return rest + self.linear_s(w.tokens) + self.attention_s(w.attention_pairs, w.kv_tokens_read, w.tokens)
 
     def breakdown_s(self, w: BatchWork) -> dict[str, float]:
@@ -399,6 +467,7 @@ class IterationCost:
         overlap`` (negative: the parts' sum minus the overlapped time)."""
         out = dict.fromkeys(BREAKDOWN_PARTS, 0.0)
         out["LM head"], out["KV swap"] = self.head_s(w.sampled), self.swap_s(w.swap_tokens)
+        out["expert fetch stall"] = self.expert_stall_s(w.tokens)
         if w.tokens <= 0:
             return out
         p = self.layer_parts(w.tokens)

@@ -31,7 +31,7 @@ import numpy as np
 
 from moesim.serve.cost import BatchWork
 from moesim.serve.kv import KVBlocks
-from moesim.serve.requests import Requests
+from workloads.requests import Requests
 from moesim.serve.scheduler import Plan, ReplicaState, SchedulerConfig, plan
 
 ITERATION_COLUMNS = ("replica", "start_s", "duration_s", "tokens", "prefill_tokens", "decode_tokens", "sequences",
@@ -123,6 +123,9 @@ class _Sim:
                 raise ValueError(f"replica {rep.name}: ranks must be >= 1, got {rep.ranks}")
             target = np.ones(n, dtype=np.int64) if rep.role == "prefill" else req.output_tokens
             rep.parts = [self._rank(rep, target) for _ in range(rep.ranks)]
+            routing = getattr(rep.cost, "request_routing", None)
+            if routing is not None and len(routing.starts) != n:
+                routing.bind(n)
         self.log, self.seq, self.done = _Log(), 0, 0
 
     def _rank(self, rep: Replica, target: np.ndarray) -> Rank:
@@ -190,6 +193,11 @@ class _Sim:
         if not any(len(p.ids) for p in plans):
             return
         works = [_work(p) for p in plans]
+        routing = getattr(rep.cost, "request_routing", None)
+        if routing is not None:  # per-request routing: every rank's work carries all ranks' token rows (one EP group)
+            rows = routing.rows(np.concatenate([p.ids for p in plans]), np.concatenate([p.context for p in plans]),
+                                np.concatenate([p.tokens for p in plans]))
+            works = [dataclasses.replace(w, routing_rows=rows) for w in works]
         slow, slow_work = 0, works[0]
         if len(works) == 1:  # one scheduler: the cost may pool the batch over its ranks (rank_share)
             dt = float(rep.cost.iteration_s(works[0]))

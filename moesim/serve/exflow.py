@@ -171,13 +171,15 @@ def split_by_sequence(trace, fit_fraction: float = 0.5):
 
 
 def place(trace, method: str, num_devices: int, devices_per_node: int, seed: int = 0,
-          time_limit_s: float = 10.0) -> Placement:
-    """The placement of ``method`` (a name of :data:`moesim.place.METHODS`) fitted on ``trace``; CP-SAT runs
-    deterministic on one worker."""
+          time_limit_s: float = 10.0, num_replicas: int = 0) -> Placement:
+    """The placement of ``method`` (a name of :data:`moesim.place.METHODS`) fitted on ``trace``, with
+    ``num_replicas`` redundant expert slots (EPLB-style replicas; methods without replicas refuse them); CP-SAT
+    runs deterministic on one worker."""
     from moesim.place import get_method, problem_from_trace
 
     m = get_method(method)
-    problem = problem_from_trace(trace, num_devices, devices_per_node, with_affinity=m.needs_affinity)
+    problem = problem_from_trace(trace, num_devices, devices_per_node, with_affinity=m.needs_affinity,
+                                 num_replicas=num_replicas)
     if m.placer is not None:
         return m.placer(problem, np.random.default_rng(seed))
     placement, _ = m.place(problem, np.random.default_rng(seed), time_limit_s=time_limit_s, deterministic=True,

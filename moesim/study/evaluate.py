@@ -164,8 +164,8 @@ def evaluate(config: dict, engine: str, seed: int) -> dict:
         return {"config_id": config_id(config, engine, seed), **config, "engine": engine, "seed": seed,
                 **evaluate_memory(config, seed), "eval_wall_s": time.perf_counter() - t0,
                 "schema_version": SCHEMA_VERSION}
-    if engine == "train":  # one training step of a whole model (moesim.train.sweep)
-        from moesim.train.sweep import evaluate_train
+    if engine == "train":  # one training step of a whole model (moesim.study.train)
+        from moesim.study.train import evaluate_train
         return {"config_id": config_id(config, engine, seed), **config, "engine": engine, "seed": seed,
                 **evaluate_train(config), "eval_wall_s": time.perf_counter() - t0, "schema_version": SCHEMA_VERSION}
     system = _system(config["system"], config["nodes"])

@@ -73,7 +73,7 @@ MEMORY_PARAMETERS: dict[str, Any] = {
     "backing_bandwidth_bytes_per_s": 0.0,  # 0 = the spec's backing tier (DDR on SN40L, host memory on a GPU)
     "overlap_transfers": True,     # fetches overlap with compute
 }
-#: parameters of an ``engine = "train"`` study: one training step of a whole model (moesim.train.sweep)
+#: parameters of an ``engine = "train"`` study: one training step of a whole model (moesim.study.train)
 TRAIN_PARAMETERS: dict[str, Any] = {
     "system": "hgx-h800",
     "nodes": 256,

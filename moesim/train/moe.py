@@ -10,11 +10,20 @@ Routing:
 
 - ``trace``: each sample takes one step of the trace and a window of ``ep * S`` of its tokens,
   ``S = min(T, tokens_in_step // ep)`` per device (sample i uses step i mod steps and the window
-  shifted by ``(i // steps) * ep * S``), aggregated with :func:`moesim.sim.prepare` on a contiguous
+  shifted by ``(i // steps) * ep * S``), aggregated as :func:`moesim.sim.prepare` would aggregate the samples
+  as one trace (one :func:`moesim.sim.aggregate` per sample: no concatenated copy of the rows) on a contiguous
   placement; counts are then scaled by ``T / S``. MoE layer j of the model replays trace layer
   j mod (trace layers).
 - ``balanced``: every device sends ``T * top_k / ep`` choices to every device and each expert
-  computes ``ep * T * top_k / experts`` tokens.
+  computes ``ep * T * top_k / experts`` tokens. When the copies depend on each token's experts (a
+  de-duplicating all-to-all, or a model with group-limited routing, ``n_group > 1``) the balanced routing is
+  drawn per token instead (:func:`moesim.train.routing.balanced_trace`: balanced over experts, each token's
+  experts in at most ``topk_group`` groups; ``min(T, 2048)`` tokens per device, counts scaled by ``T`` / that).
+
+Copies per token (:func:`dispatch_dedup_of`, the one place this is decided): with a DeepEP-like kernel (the
+default, ``deepep-normal-v1``) the dispatch sends one copy per (token, destination node) over the scale-out
+links and forwards one per (token, destination GPU) inside the node (``SimOptions.dispatch_dedup="node"``);
+``TrainSpec.dispatch_dedup`` overrides it.
 
 Bytes per routed choice on the wire (:func:`hwmodels.collectives.a2a_payload_bytes`): the dispatch in the
 step's dtype (FP8 adds one fp32 scale per 128 values), the combine in BF16 under FP8 training (DeepSeek-V3
@@ -37,9 +46,10 @@ from hwmodels.specs import System
 from hwmodels.topology import all_to_all_routing
 from moesim.analytic import group_costs
 from moesim.placement import Placement, contiguous
-from moesim.sim import Routed, SimOptions, activation_bytes, prepare
+from moesim.sim import Routed, SimOptions, activation_bytes, aggregate, check_trace_fits_model
 from moesim.train.collectives import group_system
 from moesim.train.ops import precise_dtype
+from moesim.train.routing import balanced_trace
 from moesim.train.spec import REPLAYED, TrainError, TrainSpec
 from workloads.hf_config import ModelConfig
 from workloads.trace import Trace, TraceMeta
@@ -78,6 +88,19 @@ def sample_trace(trace: Trace, ep: int, tokens_per_device: int, samples: int, la
 
     Rows keep only the columns routing needs; within a step they are not re-sorted (the aggregation
     counts, it does not depend on row order)."""
+    parts, scale = sample_steps(trace, ep, tokens_per_device, samples, layers)
+    return _concat(parts), scale
+
+
+def _concat(parts: list[Trace]) -> Trace:
+    return Trace(columns={k: np.concatenate([p.columns[k] for p in parts]) for k in parts[0].columns},
+                 meta=parts[0].meta)
+
+
+def sample_steps(trace: Trace, ep: int, tokens_per_device: int, samples: int,
+                 layers: int) -> tuple[list[Trace], float]:
+    """:func:`sample_trace`, one trace per sample (step i of the sampled trace), sharing the trace's columns
+    where a sample is a whole step (views, no copies)."""
     c = trace.columns
     step_col, tok_col = c["step"], c["token"]
     steps = np.unique(step_col)
@@ -90,7 +113,8 @@ def sample_trace(trace: Trace, ep: int, tokens_per_device: int, samples: int, la
         raise TrainError(f"a trace step has {n_step} tokens, fewer than --ep {ep}: cannot give every device a token")
     width = ep * per
     names = ("layer", "rank", "expert", "weight")
-    parts: dict[str, list] = {k: [] for k in (*names, "token", "step")}
+    meta = dataclasses.replace(trace.meta, num_layers=layers)
+    out = []
     for i in range(samples):
         rows = by_step[i % len(steps)]
         offset = ((i // len(steps)) * width) % n_step
@@ -101,12 +125,26 @@ def sample_trace(trace: Trace, ep: int, tokens_per_device: int, samples: int, la
             tok = (tok_col[rows] - offset) % n_step
             inside = tok < width
             picked, tok = rows[inside], tok[inside]
-        for k in names:
-            parts[k].append(c[k][picked])
-        parts["token"].append(tok.astype(tok_col.dtype, copy=False))
-        parts["step"].append(np.full(len(tok), i, dtype=step_col.dtype))
-    cols = {k: np.concatenate(v) for k, v in parts.items()}
-    return Trace(columns=cols, meta=dataclasses.replace(trace.meta, num_layers=layers)), tokens_per_device / per
+        cols = {k: c[k][picked] for k in names}
+        cols["token"] = tok.astype(tok_col.dtype, copy=False)
+        cols["step"] = np.full(len(tok), i, dtype=step_col.dtype)
+        out.append(Trace(columns=cols, meta=meta))
+    return out, tokens_per_device / per
+
+
+def aggregate_samples(system: System, model, placement: Placement, parts: list[Trace], options: SimOptions,
+                      seed: int) -> Routed:
+    """What :func:`moesim.sim.prepare` returns as ``routed`` for the concatenation of ``parts`` (one step each,
+    steps 0, 1, ... in order), without building it: its checks, then :func:`moesim.sim.aggregate` per part with one
+    generator (drawn in the same (step, layer) order), the groups stacked in step order."""
+    check_trace_fits_model(parts[0], model)
+    placement.check_fits(parts[0].meta.num_layers, parts[0].meta.num_experts, system.num_devices)
+    rng = np.random.default_rng(seed)
+    rs = [aggregate(p, placement, system.num_devices, options, rng, system.devices_per_node) for p in parts]
+    return Routed(group_key=np.concatenate([r.group_key for r in rs]),
+                  pair_tokens=np.concatenate([r.pair_tokens for r in rs]),
+                  expert_tokens=np.concatenate([r.expert_tokens for r in rs]),
+                  router_tokens=np.concatenate([r.router_tokens for r in rs]), num_tokens=sum(r.num_tokens for r in rs))
 
 
 def _as_slice(rows: np.ndarray) -> np.ndarray | slice:
@@ -138,6 +176,34 @@ def balanced_routed(ep: int, tokens_per_device: int, top_k: int, num_experts: in
                   num_tokens=ep * tokens_per_device)
 
 
+# Where the training step decides how its all-to-all copies tokens (the one place): the kernel families that send
+# one copy per (token, destination node) over RDMA and forward it over NVLink (DeepEP's normal kernels, DeepSeek-V3's
+# own: arXiv:2412.19437 sec. 3.2.2; deepseek-ai/DeepEP README: kernels for "asymmetric-domain bandwidth forwarding,
+# such as forwarding data from NVLink domain to RDMA domain"). DeepEP's low-latency kernels send over RDMA directly,
+# per expert: no de-duplication.
+NODE_DEDUP_KERNELS = ("deepep-normal-v1", "deepseek-v3-all-to-all", "deepep-v2-ep8x2", "deepep-v2-ep8x4")
+BALANCED_SAMPLE_TOKENS = 2048  # tokens per device of the per-token balanced routing; counts scaled to the rest
+
+
+def dispatch_dedup_of(comm_kernel: str, requested: str = "auto") -> str:
+    """The ``SimOptions.dispatch_dedup`` of the step: ``requested`` unless ``auto``, else ``node`` for the kernels
+    of :data:`NODE_DEDUP_KERNELS` and ``none`` for others."""
+    if requested != "auto":
+        return requested
+    return "node" if comm_kernel in NODE_DEDUP_KERNELS else "none"
+
+
+def _balanced_per_token(cfg: ModelConfig, ep_system: System, model, options: SimOptions, tokens: int,
+                        seed: int) -> Routed:
+    """Balanced, group-limited routing of one sample (:func:`moesim.train.routing.balanced_trace`) of
+    ``min(tokens, BALANCED_SAMPLE_TOKENS)`` tokens per device, aggregated on the contiguous placement with
+    ``options``' de-duplication; counts scaled to ``tokens`` per device."""
+    per = min(tokens, BALANCED_SAMPLE_TOKENS)
+    trace = balanced_trace(cfg, ep_system.num_devices * per, 1, seed)
+    placement = contiguous(1, cfg.num_experts, ep_system.num_devices)
+    return _scaled(aggregate_samples(ep_system, model, placement, [trace], options, seed), tokens / per)
+
+
 def _scaled(routed: Routed, scale: float) -> Routed:
     if scale == 1.0:
         return routed
@@ -161,6 +227,7 @@ def moe_times(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostModel
     model = cfg.to_moe_model()
     # the dispatch in the step's dtype, the combine in BF16 under FP8 training (module docstring)
     options = SimOptions(micro_batches=1, dtype=spec.dtype, combine_dtype=precise_dtype(spec.dtype))
+    options = dataclasses.replace(options, dispatch_dedup=dispatch_dedup_of(options.comm_kernel, spec.dispatch_dedup))
     a2a = all_to_all_routing(ep_system)
     n_moe = len(cfg.moe_layers)
     if spec.routing in REPLAYED:
@@ -170,17 +237,20 @@ def moe_times(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostModel
             raise TrainError(f"trace has {trace.meta.num_experts} experts per layer but model {cfg.name!r} has "
                              f"{cfg.num_experts}")
         used = min(trace.meta.num_layers, n_moe)
-        sampled, scale = sample_trace(trace, par.ep, tokens, spec.routing_samples, used)
+        parts, scale = sample_steps(trace, par.ep, tokens, spec.routing_samples, used)
         if callable(placement):
-            placement = placement(sampled, used)
+            placement = placement(_concat(parts), used)
         placement = _check_placement(placement, used, cfg.num_experts, par.ep)
-        routed, _, _ = prepare(ep_system, model, placement, sampled, options, seed, a2a)
+        routed = aggregate_samples(ep_system, model, placement, parts, options, seed)
         routed, samples = _scaled(routed, scale), spec.routing_samples
     else:
         if placement is not None:
             raise TrainError("a placement needs trace routing (--trace): balanced routing assumes the contiguous one")
         used, samples = 1, 1
-        routed = balanced_routed(par.ep, tokens, cfg.num_experts_per_tok, cfg.num_experts, used)
+        if cfg.n_group > 1 or options.dispatch_dedup != "none":  # copies depend on each token's experts
+            routed = _balanced_per_token(cfg, ep_system, model, options, tokens, seed)
+        else:
+            routed = balanced_routed(par.ep, tokens, cfg.num_experts_per_tok, cfg.num_experts, used)
     gc = group_costs(ep_system, model, routed, a2a, cost, options, activation_bytes(model, options))
     mt = _collect(gc, routed, samples, used, n_moe, tokens)
     load = routed.expert_tokens.sum(axis=1).reshape(samples, used, -1).sum(axis=0)

@@ -11,8 +11,8 @@ then the remaining backwards. ``interleaved`` (Megatron's virtual pipeline, v ch
 ``dualpipe``: the 1F1B order, where each steady-state backward overlaps the forward before it (DeepSeek's
 DualPipe overlap of one chunk's all-to-all with the other's compute): the pair costs
 ``max(compute_f + compute_b, comm_f + comm_b)`` instead of their sum (the saving is taken off the
-backward, slot ``FB``); DualPipe's second, reverse-direction pipeline (which halves the bubble) is
-not modelled.
+backward, slot ``FB``), without DualPipe's second, reverse-direction pipeline. ``dualpipe-bidir`` is the
+bidirectional schedule itself (:mod:`moesim.train.dualpipe`).
 
 An operation starts when its stage is free and its input is ready (previous chunk's forward of the
 same micro-batch + p2p, or the next chunk's backward + p2p). The timeline is exact for these rules.
@@ -20,36 +20,13 @@ same micro-batch + p2p, or the next chunk's backward + p2p). The timeline is exa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from moesim.train.dualpipe import run_dualpipe
 from moesim.train.spec import TrainError
+from moesim.train.timeline import Slot, Timeline
 
-
-@dataclass(frozen=True)
-class Slot:
-    """One scheduled operation: ``what`` is ``F``, ``B`` or ``FB`` (a backward overlapped with the forward before it)."""
-
-    stage: int
-    what: str
-    chunk: int
-    micro_batch: int
-    start_at_s: float
-    end_at_s: float
-
-
-@dataclass(frozen=True, eq=False)
-class Timeline:
-    slots: tuple[Slot, ...]
-    makespan_s: float
-    busy_s: np.ndarray  # [p] seconds each stage computes
-    max_live: np.ndarray  # [p] most forward chunks whose backward has not run, per stage
-
-    @property
-    def bubble_fraction(self) -> float:
-        """Idle share of the pipeline: 1 - mean busy / makespan."""
-        return float(1.0 - self.busy_s.mean() / self.makespan_s) if self.makespan_s > 0 else 0.0
+__all__ = ["Slot", "Timeline", "run_schedule", "stage_order"]
 
 
 def stage_order(schedule: str, s: int, p: int, m: int, v: int) -> list[tuple[str, int, int]]:
@@ -83,8 +60,12 @@ def _deps(what: str, c: int, s: int, i: int, p: int, v: int) -> tuple[str, int, 
 
 
 def run_schedule(schedule: str, fwd_s: np.ndarray, bwd_s: np.ndarray, p2p_s: float, p: int, v: int = 1,
-                 fwd_comm_s: np.ndarray | None = None, bwd_comm_s: np.ndarray | None = None) -> Timeline:
-    """Timeline of one step's pipeline (see the module docstring); arrays are [v * p, m] seconds."""
+                 fwd_comm_s: np.ndarray | None = None, bwd_comm_s: np.ndarray | None = None,
+                 wgt_s: np.ndarray | None = None) -> Timeline:
+    """Timeline of one step's pipeline (see the module docstring); arrays are [v * p, m] seconds. ``wgt_s``: the
+    weight gradients inside ``bwd_s`` (only ``dualpipe-bidir`` defers them, :mod:`moesim.train.dualpipe`)."""
+    if schedule == "dualpipe-bidir":
+        return run_dualpipe(fwd_s, bwd_s, p2p_s, p, fwd_comm_s, bwd_comm_s, wgt_s)
     m = fwd_s.shape[1]
     orders = [_fuse(stage_order(schedule, s, p, m, v)) if schedule == "dualpipe" else stage_order(schedule, s, p, m, v)
               for s in range(p)]

@@ -8,16 +8,22 @@ j mod that, as trace replay does). Each step has ``ep * S`` tokens, ``S = min(to
 tokens_per_sample // ep)``: the window :func:`moesim.train.moe.sample_trace` cuts, so every generated
 token is replayed once and counts are scaled by ``T / S`` exactly as for a captured trace. Seeded: the same
 seed gives the same routing; steps differ from each other by the generator's sampling (its step-to-step
-drift is sampling noise only; a captured trace carries the real drift).
+drift is sampling noise only; a captured trace carries the real drift). The generator does not know the
+model's group limit (``n_group``/``topk_group``): synthetic routing is not group-limited.
+
+``routing="balanced"`` with per-token copies (:func:`balanced_trace`): every expert gets the same tokens and
+each token's experts respect the model's group limit (:func:`group_limited_balanced`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from moesim.train.spec import TrainError, TrainSpec
 from workloads.hf_config import ModelConfig
-from workloads.trace import Trace
+from workloads.trace import Trace, TraceMeta
 
 DEFAULT_TOKENS_PER_SAMPLE = 8192  # as many tokens per routed micro-batch as the documented table replays
 
@@ -44,3 +50,55 @@ def synthetic_trace(cfg: ModelConfig, spec: TrainSpec, source: Trace, *, seed: i
         raise TrainError(f"--routing synthetic: cannot fit or generate from {source.meta.model!r}: {exc}") from None
     extra = {**trace.meta.extra, "fitted_to": source.meta.source, "tokens_per_sample": ep * per}
     return dataclasses.replace(trace, meta=dataclasses.replace(trace.meta, extra=extra))
+
+
+def group_limited_balanced(num_tokens: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
+                           rng: np.random.Generator) -> np.ndarray:
+    """[num_tokens, top_k] experts per token, balanced over experts and group-limited: the experts are
+    ``n_group`` groups of consecutive ids, and each token's experts lie in at most ``topk_group`` groups
+    (DeepSeek-V3: 8 groups of 32, at most 4; in training a group is a node's experts, so at most 4 nodes).
+
+    Construction (seeded by ``rng``): tokens in a random order take ``min(topk_group, top_k)`` group slots each
+    from a cycle over a random order of the groups (consecutive slots are distinct groups), and within a group
+    their picks (``top_k`` split as evenly as possible over the slots, the extra picks on slots rotating from
+    token to token) from a cycle over a random order of the group's experts. Within a group every expert gets the
+    same picks up to one; groups get equal picks (exactly, when tokens x slots is a multiple of ``n_group``) when
+    ``topk_group`` divides ``top_k`` (DeepSeek-V2/V3), else nearly equal."""
+    if num_experts % n_group or not 1 <= topk_group <= n_group:
+        raise TrainError(f"n_group {n_group} must divide the {num_experts} experts and be >= topk_group {topk_group} >= 1")
+    size, slots = num_experts // n_group, min(topk_group, top_k)
+    if -(-top_k // slots) > size:
+        raise TrainError(f"top-{top_k} over at most {topk_group} groups of {size} experts: a group would need "
+                         f"{-(-top_k // slots)} distinct experts")
+    group_order = rng.permutation(n_group)
+    position = np.arange(num_tokens)[:, None] * slots + np.arange(slots)  # [tokens, slots] in the group cycle
+    # slot of each of a token's k picks: k // slots each, the k % slots extra picks on slots rotating per token
+    pick_slot = (np.arange(top_k) % slots + np.arange(num_tokens)[:, None]) % slots  # [tokens, k]
+    pick_group = np.take_along_axis(group_order[position % n_group], pick_slot, axis=1).ravel()  # [tokens * k]
+    by_group = np.argsort(pick_group, kind="stable")
+    counts = np.bincount(pick_group, minlength=n_group)
+    rank = np.empty_like(pick_group)
+    rank[by_group] = np.arange(len(pick_group)) - np.repeat(np.cumsum(counts) - counts, counts)
+    expert_order = rng.permuted(np.tile(np.arange(size), (n_group, 1)), axis=1)  # [groups, size]
+    experts = (pick_group * size + expert_order[pick_group, rank % size]).reshape(num_tokens, top_k)
+    out = np.empty_like(experts)
+    out[rng.permutation(num_tokens)] = experts  # token order is random: the stream does not follow devices
+    return out
+
+
+def balanced_trace(cfg: ModelConfig, num_tokens: int, num_layers: int, seed: int = 0) -> Trace:
+    """One step of ``num_tokens`` tokens routed by :func:`group_limited_balanced` (``cfg``'s ``n_group`` and
+    ``topk_group``; 1 and 1 for a model without group-limited routing), ``num_layers`` layers drawn independently."""
+    rng = np.random.default_rng(seed)
+    k = cfg.num_experts_per_tok
+    experts = np.concatenate([group_limited_balanced(num_tokens, cfg.num_experts, k, cfg.n_group, cfg.topk_group,
+                                                     rng).ravel() for _ in range(num_layers)])
+    rows = num_tokens * k
+    cols = {"step": np.zeros(rows * num_layers, np.int32),
+            "layer": np.repeat(np.arange(num_layers, dtype=np.int32), rows),
+            "token": np.tile(np.repeat(np.arange(num_tokens, dtype=np.int64), k), num_layers),
+            "rank": np.tile(np.arange(k, dtype=np.int16), num_tokens * num_layers),
+            "expert": experts.astype(np.int32), "weight": np.full(rows * num_layers, 1.0 / k, np.float32)}
+    meta = TraceMeta(model=cfg.name, num_experts=cfg.num_experts, top_k=k, num_layers=num_layers,
+                     source=f"balanced, group-limited ({cfg.topk_group} of {cfg.n_group} groups), seed {seed}")
+    return Trace(columns=cols, meta=meta)

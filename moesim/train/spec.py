@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEDULES = ("1f1b", "interleaved", "dualpipe")
+SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipe-bidir")
+DUALPIPES = ("dualpipe", "dualpipe-bidir")  # schedules that keep two copies of the parameters
 RECOMPUTE = ("none", "selective", "full")
 ROUTING = ("balanced", "trace", "synthetic")
+DISPATCH_DEDUP = ("auto", "none", "gpu", "node")  # "auto" + moesim.sim.DISPATCH_DEDUP (tested equal)
 REPLAYED = ("trace", "synthetic")  # routings that replay the trace passed to the step
 EXPERT_MODES = ("ep", "fssdp")
 OFFLOAD = ("none", "optimizer", "weights")
@@ -89,7 +91,9 @@ class TrainSpec:
     devices holds a fixed share of the experts) or ``fssdp`` (Hecate's fully sharded sparse data parallel
     over the same ``ep`` devices, :mod:`moesim.train.fssdp`; ``fssdp_plan``: the loads its placement is
     planned from). ``offload``: ``optimizer`` keeps Adam's states
-    in the tier behind HBM, ``weights`` the weights too (:mod:`moesim.train.offload`).
+    in the tier behind HBM, ``weights`` the weights too (:mod:`moesim.train.offload`). ``dispatch_dedup``:
+    copies the MoE all-to-all sends per token (``moesim.sim.SimOptions.dispatch_dedup``); ``auto``: by the
+    comm kernel (:func:`moesim.train.moe.dispatch_dedup_of`).
     """
 
     parallel: Parallel
@@ -104,6 +108,7 @@ class TrainSpec:
     expert_mode: str = "ep"
     offload: str = "none"
     fssdp_plan: str = "oracle"
+    dispatch_dedup: str = "auto"
 
     def __post_init__(self):
         if self.seq_len < 1 or self.micro_batch_size < 1:
@@ -126,14 +131,20 @@ class TrainSpec:
             raise TrainError(f"--offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
         if self.routing_samples < 1:
             raise TrainError("routing_samples must be >= 1")
+        if self.dispatch_dedup not in DISPATCH_DEDUP:
+            raise TrainError(f"--dispatch-dedup must be one of {', '.join(DISPATCH_DEDUP)}, got {self.dispatch_dedup!r}")
         v = self.parallel.virtual_stages
         if self.schedule != "interleaved" and v != 1:
             raise TrainError("--virtual-stages > 1 needs --schedule interleaved")
         if self.schedule == "interleaved" and self.num_micro_batches % self.parallel.pp:
             raise TrainError(f"--schedule interleaved needs micro-batches ({self.num_micro_batches}) to be a "
                              f"multiple of --pp {self.parallel.pp}")
-        if self.schedule == "dualpipe" and self.parallel.pp % 2:
-            raise TrainError(f"--schedule dualpipe needs an even --pp, got {self.parallel.pp}")
+        if self.schedule in DUALPIPES and self.parallel.pp % 2:
+            raise TrainError(f"--schedule {self.schedule} needs an even --pp, got {self.parallel.pp}")
+        m, p = self.num_micro_batches, self.parallel.pp
+        if self.schedule == "dualpipe-bidir" and (m % 2 or m < 2 * p):
+            raise TrainError(f"--schedule dualpipe-bidir needs an even number of micro-batches >= 2 x pp = {2 * p} "
+                             f"(half enter each end of the pipeline), got {m}")
 
     @property
     def num_micro_batches(self) -> int:

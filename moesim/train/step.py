@@ -39,7 +39,7 @@ from moesim.train.moe import MoETimes, moe_times
 from moesim.train.ops import (BACKWARD_INPUT, BACKWARD_WEIGHT, COMMUNICATION, COMPUTE, FORWARD, Kernel, Op, Timer,
                               kernel_cost)
 from moesim.train.pipeline import Timeline, run_schedule
-from moesim.train.spec import REPLAYED, TrainError, TrainSpec
+from moesim.train.spec import DUALPIPES, REPLAYED, TrainError, TrainSpec
 from workloads.hf_config import ModelConfig
 from workloads.trace import Trace
 
@@ -125,11 +125,11 @@ def simulate_step(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostM
     static[-1] = embedding_ops(cfg, ctx.shape, ctx.timer, system)
     static[cfg.num_hidden_layers] = head_ops(cfg, ctx.shape, ctx.timer, system)
     router_bwd = _router_backward(ctx)
-    fwd, bwd, fwd_comm, bwd_comm = _chunk_times(ctx, static, router_bwd)
+    fwd, bwd, fwd_comm, bwd_comm, wgt = _chunk_times(ctx, static, router_bwd)
     params = _stage_params(ctx)
     p2p_s = _p2p_s(ctx)
     par = spec.parallel
-    tl = run_schedule(spec.schedule, fwd, bwd, p2p_s, par.pp, par.virtual_stages, fwd_comm, bwd_comm)
+    tl = run_schedule(spec.schedule, fwd, bwd, p2p_s, par.pp, par.virtual_stages, fwd_comm, bwd_comm, wgt)
     sync_s = max(_grad_sync_s(ctx, pc) for pc in params)
     opt_s = max(_optimizer_s(ctx, pc) for pc in params)
     fssdp_s = max(_fssdp_stage_s(ctx, s) for s in range(par.pp))
@@ -203,19 +203,22 @@ def _router_backward(ctx: _Ctx) -> list[Op]:
     return [o for o in ops if o.direction != FORWARD]
 
 
-def _moe_layer(ctx: _Ctx, j: int, i: int, router_bwd: list[Op]) -> tuple[float, float, float, float]:
-    """(forward, backward, forward communication, backward communication) of MoE layer j, micro-batch i."""
+def _moe_layer(ctx: _Ctx, j: int, i: int, router_bwd: list[Op]) -> tuple[float, float, float, float, float]:
+    """(forward, backward, forward communication, backward communication, weight gradients inside the backward)
+    of MoE layer j, micro-batch i."""
     mt, g = ctx.moe, i % ctx.moe.num_samples
     r, d, sh, e, c = (mt.router_s[g, j], mt.dispatch_s[g, j], mt.shared_s[g, j], mt.expert_s[g, j], mt.combine_s[g, j])
     fwd = r + max(d, sh) + e + c
     bwd = d + 2 * e + max(c, sh) + sh + sum(o.time_s for o in router_bwd)
-    return fwd, bwd, d + c, d + c
+    wgt = e + sh + sum(o.time_s for o in router_bwd if o.direction == BACKWARD_WEIGHT)
+    return fwd, bwd, d + c, d + c, wgt
 
 
 def _chunk_times(ctx: _Ctx, static: dict, router_bwd: list[Op]):
-    """[chunks, micro-batches] seconds: forward, backward, and the communication inside each."""
+    """[chunks, micro-batches] seconds: forward, backward, the communication inside each, and the weight
+    gradients inside the backward (which DualPipe may defer)."""
     q_count, m = len(ctx.chunks), ctx.spec.num_micro_batches
-    arrays = [np.zeros((q_count, m)) for _ in range(4)]
+    arrays = [np.zeros((q_count, m)) for _ in range(5)]
     recompute = ctx.spec.recompute
     for q, layers in enumerate(ctx.chunks):
         extra = [-1] if q == 0 else []
@@ -224,20 +227,21 @@ def _chunk_times(ctx: _Ctx, static: dict, router_bwd: list[Op]):
             ops = static[layer]
             f, b = _sum(ops, FORWARD), _sum(ops, BACKWARD_INPUT, BACKWARD_WEIGHT)
             fc, bc = _sum(ops, FORWARD, kind=COMMUNICATION), _sum(ops, BACKWARD_INPUT, kind=COMMUNICATION)
+            w = _sum(ops, BACKWARD_WEIGHT)
             zf, zb = _zero3_layer_s(ctx, layer)
             fetch = _weight_fetch_s(ctx, layer)
             zf, zb = zf + fetch, zb + fetch
             block = 0 <= layer < ctx.cfg.num_hidden_layers
             for i in range(m):
-                mf, mb, mfc, mbc = _moe_layer(ctx, ctx.moe_ordinal[layer], i, router_bwd) \
-                    if layer in ctx.moe_ordinal else (0.0, 0.0, 0.0, 0.0)
+                mf, mb, mfc, mbc, mw = _moe_layer(ctx, ctx.moe_ordinal[layer], i, router_bwd) \
+                    if layer in ctx.moe_ordinal else (0.0, 0.0, 0.0, 0.0, 0.0)
                 rc = (f + mf) if recompute == "full" and block else _selective_s(ops) if recompute == "selective" else 0.0
                 rcc = (fc + mfc) if recompute == "full" and block else 0.0
                 fwd, bwd, fwd_c, bwd_c = f + mf, b + mb + rc, fc + mfc, bc + mbc + rcc
                 # ZeRO-3 weight gathers / gradient scatters overlap the layer's compute; only the excess waits
                 fwd += max(0.0, zf - (fwd - fwd_c))
                 bwd += max(0.0, zb - (bwd - bwd_c))
-                for arr, val in zip(arrays, (fwd, bwd, fwd_c + zf, bwd_c + zb)):
+                for arr, val in zip(arrays, (fwd, bwd, fwd_c + zf, bwd_c + zb, w + mw)):
                     arr[q, i] += val
     return arrays
 
@@ -357,9 +361,11 @@ def _memory(ctx: _Ctx, params: list, tl: Timeline, check: bool) -> tuple[dict, l
     for s, pc in enumerate(params):
         cats = {k: v + w for (k, v), w in zip(mem.zero_bytes(pc.dense, par.zero, par.dp).items(),
                                                 mem.zero_bytes(pc.expert, par.zero, par.expert_dp).values())}
-        if spec.schedule == "dualpipe":
+        if spec.schedule in DUALPIPES:
             cats["weights"] *= 2  # DualPipe keeps two copies of the parameters
         chunk_layers = [ctx.chunks[q] for q in range(s, len(ctx.chunks), par.pp)]
+        if spec.schedule == "dualpipe-bidir":  # rank s also runs chunk p-1-s (the reverse direction)
+            chunk_layers.append(ctx.chunks[par.pp - 1 - s])
         per_mb = max(sum(mem.block_activation_bytes(cfg, i, ctx.shape, spec.recompute, e, x(i)) for i in c)
                      for c in chunk_layers)
         act = float(tl.max_live[s]) * per_mb

@@ -11,6 +11,7 @@ Run from the repository root (the tables are read from ../shared at run time, ne
     .venv/bin/python -m studies.deepseek_v3_eplb.run scale       # point 2: methods x nodes x replicas
     .venv/bin/python -m studies.deepseek_v3_eplb.run staleness   # point 3: fit on A, replay on B
     .venv/bin/python -m studies.deepseek_v3_eplb.run step        # training-step tokens/s per placement
+    .venv/bin/python -m studies.deepseek_v3_eplb.run serve       # serving output tokens/s and TPOT per placement
 
 Each writes ``results_<what>.parquet`` here (derived numbers only: max/mean loads, layer times, CP-SAT
 objective/bound) and prints the README tables. Fitting loads = the table apportioned to ``TOKENS`` tokens
@@ -249,6 +250,84 @@ def print_step(df: pd.DataFrame) -> None:
         print(f"| {x.workload} | {x.method} | {x.replicas} | {x.step_time_s:.1f} | {x.tokens_per_s:,.0f} | {x.mfu:.1%} |")
 
 
+# serving (moesim.serve): DeepSeek-V3 on hgx-h800 nodes, DP attention x EP over every GPU (tp 1), FP8, decode-heavy
+# requests arriving at a fixed rate, per-request routing from the decode table (moesim.serve.routing)
+SERVE_SYSTEM, SERVE_NODES, SERVE_WORKLOAD = "hgx-h800", (4,), "decode_in1000out1000"
+SERVE_RATE_PER_S, SERVE_DURATION_S = 256.0, 2.0  # Poisson arrivals (seed 0): ~512 requests, 16 per DP rank
+SERVE_PROMPT_TOKENS, SERVE_OUTPUT_TOKENS = 1000, 100  # 1,000-token prompts as in the table; 100 decodes each
+SERVE_TRACE_TOKENS = 8192  # trace rows the requests draw from (the table expanded, seed 0)
+SERVE_CONFIGS = (("contiguous", 0), ("greedy", 0), ("eplb-hier", 0), ("greedy", 32),  # contiguous places no replicas
+                 ("eplb-hier", 32))
+
+
+def _serve_requests():
+    from workloads.requests import Requests
+    rng = np.random.default_rng(0)
+    arrival = np.cumsum(rng.exponential(1.0 / SERVE_RATE_PER_S, size=int(SERVE_RATE_PER_S * SERVE_DURATION_S * 2)))
+    arrival = arrival[arrival < SERVE_DURATION_S]
+    n = len(arrival)
+    return Requests(arrival, np.full(n, SERVE_PROMPT_TOKENS), np.full(n, SERVE_OUTPUT_TOKENS),
+                    source=f"Poisson {SERVE_RATE_PER_S:g}/s over {SERVE_DURATION_S:g} s, seed 0")
+
+
+def _serve_one(cfg, sys_, trace, method: str, replicas: int) -> dict:
+    from moesim.serve import exflow
+    from moesim.serve.cost import IterationCost, ServeLayout
+    from moesim.serve.engine import Replica, simulate
+    from moesim.serve.kv import KVBlocks
+    from moesim.serve.metrics import summarise
+    from moesim.serve.routing import RequestRouting
+    from moesim.serve.scheduler import SchedulerConfig
+
+    gpus = sys_.num_devices
+    placement = exflow.place(trace, method, gpus, sys_.devices_per_node, num_replicas=replicas)
+    ic = IterationCost(cfg, sys_, ServeLayout(tp=1, ep=gpus, dp=gpus), dtype="fp8", trace=trace, placement=placement,
+                       request_routing=RequestRouting(trace, seed=0))
+    sched = SchedulerConfig()
+    rep = Replica("colocated", ic, KVBlocks(ic.kv_capacity_blocks(sched.block_size), sched.block_size), ranks=gpus)
+    res = simulate(_serve_requests(), [rep], sched)
+    m = summarise(res, num_devices=gpus, num_nodes=sys_.num_nodes, slo_ttft_s=2.0, slo_tpot_s=0.1)
+    th, lat = m["throughput"], m["latency_s"]
+    return {"nodes": sys_.num_nodes, "gpus": gpus, "method": method, "replicas": replicas,
+            "requests": m["requests"]["finished"], "iterations": len(res.iterations["tokens"]),
+            "duration_s": th["duration_s"], "output_tokens_per_s_per_gpu": th["output_tokens_per_s_per_device"],
+            "tpot_p50_s": lat["tpot"]["p50"], "tpot_p90_s": lat["tpot"]["p90"], "ttft_p50_s": lat["ttft"]["p50"]}
+
+
+def run_serve(workloads: list[str]) -> pd.DataFrame:
+    """Serving throughput and TPOT per placement method and redundant slots, routing drawn per request."""
+    from hwmodels.specs import load_system
+    from workloads.hf_config import load_config
+    from workloads.load_table import expand
+
+    cfg = load_config(MODEL)
+    rows = []
+    for name in workloads:
+        trace = expand(table(name), SERVE_TRACE_TOKENS, seed=0)
+        for nodes in SERVE_NODES:
+            sys_ = load_system(SERVE_SYSTEM).with_nodes(nodes)
+            for method, replicas in SERVE_CONFIGS:
+                t0 = time.perf_counter()
+                rows.append({"workload": name, **_serve_one(cfg, sys_, trace, method, replicas),
+                             "wall_s": time.perf_counter() - t0})
+                r = rows[-1]
+                print(f"{name} EP{r['gpus']} {method} R={replicas}: {r['output_tokens_per_s_per_gpu']:,.0f} output "
+                      f"tokens/s per GPU, TPOT p50 {r['tpot_p50_s'] * 1e3:.1f} ms ({r['wall_s']:.0f} s)", file=sys.stderr)
+    return pd.DataFrame(rows)
+
+
+def print_serve(df: pd.DataFrame) -> None:
+    print(f"\nDeepSeek-V3 serving on {SERVE_SYSTEM} (tp 1, DP attention x EP over all GPUs, FP8): "
+          f"{SERVE_PROMPT_TOKENS}-token prompts, {SERVE_OUTPUT_TOKENS} output tokens, Poisson {SERVE_RATE_PER_S:g}/s "
+          f"for {SERVE_DURATION_S:g} s; routing per request from the table\n")
+    print("| workload | GPUs | placement | R | requests | output tokens/s per GPU | TPOT p50 [ms] | TPOT p90 [ms] | "
+          "TTFT p50 [ms] |\n|---|---|---|---|---|---|---|---|---|")
+    for x in df.itertuples():
+        print(f"| {x.workload} | {x.gpus} | {x.method} | {x.replicas} | {x.requests} | "
+              f"{x.output_tokens_per_s_per_gpu:,.0f} | {x.tpot_p50_s * 1e3:.1f} | {x.tpot_p90_s * 1e3:.1f} | "
+              f"{x.ttft_p50_s * 1e3:.0f} |")
+
+
 def write(df: pd.DataFrame, what: str) -> Path:
     path = HERE / f"results_{what}.parquet"
     df.to_parquet(path, index=False)
@@ -307,7 +386,7 @@ def print_staleness(df: pd.DataFrame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("scale", "staleness", "step"))
+    ap.add_argument("what", choices=("scale", "staleness", "step", "serve"))
     ap.add_argument("--workloads", default=None, help="comma-separated table names (default: the study's set)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -315,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         names = args.workloads.split(",") if args.workloads else list(SCALE_WORKLOADS)
         df = run_scale(names)
         print_scale(df)
+    elif args.what == "serve":
+        df = run_serve(args.workloads.split(",") if args.workloads else [SERVE_WORKLOAD])
+        print_serve(df)
     elif args.what == "step":
         df = run_step(args.workloads.split(",") if args.workloads else list(SCALE_WORKLOADS))
         print_step(df)

@@ -28,7 +28,7 @@ import numpy as np
 from hwmodels.specs import System, load_system
 from moebase.units import GB, MS, US
 from moesim.serve.coe import CoENode, CoEOptions, coe_node, nodes_to_hold, route_experts, serve_coe, serve_coe_replicas
-from moesim.serve.requests import Requests
+from workloads.requests import Requests
 from studies.sn40l_coe import spec_model
 from workloads.hf_config import load_config
 

@@ -11,7 +11,7 @@ from hwmodels.specs import load_system
 from moebase.units import DTYPE_BYTES
 from moesim.serve.coe import CoEOptions, coe_node, nodes_to_hold, route_experts, serve_coe, serve_coe_replicas
 from moesim.serve.cost import ServeError
-from moesim.serve.requests import Requests
+from workloads.requests import Requests
 from studies.sn40l_coe.run import expert_config
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # HF config of Llama-2-7B: 32 x 4096 hidden, 11008 FFN, 32000 vocab, untied

@@ -10,7 +10,7 @@ from scipy import stats
 from moesim.serve.engine import Replica, simulate
 from moesim.serve.kv import KVBlocks
 from moesim.serve.metrics import summarise
-from moesim.serve.requests import Requests
+from workloads.requests import Requests
 from moesim.serve.scheduler import SchedulerConfig
 from tests.moesim.serve.conftest import ConstCost, LinearCost
 

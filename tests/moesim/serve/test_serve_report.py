@@ -99,7 +99,7 @@ def test_time_breakdown_adds_up_to_the_simulated_time(ranks):
     """Timed over every iteration, the parts add up to the busy time, for explicit ranks and for one scheduler
     whose cost pools the batch over 8 ranks (the slowest rank's or the pooled share's work is logged)."""
     from hwmodels.specs import load_system
-    from moesim.serve import requests as rq
+    from workloads import requests as rq
     from moesim.serve.cost import IterationCost, ServeLayout
     from moesim.serve.engine import Replica, simulate
     from moesim.serve.kv import KVBlocks

@@ -17,7 +17,8 @@ from tests.moesim.train.conftest import flame_config
 @pytest.mark.parametrize("tp,ep", [(1, 8), (2, 8), (4, 8), (2, 4)])
 def test_tokens_expert_flops_and_dispatch_bytes_per_device(tp, ep):
     cfg, seq = flame_config(), 4096
-    spec = TrainSpec(Parallel(tp=tp, dp=8 // tp, ep=ep), seq_len=seq, micro_batch_size=1, global_batch_size=8 // tp)
+    spec = TrainSpec(Parallel(tp=tp, dp=8 // tp, ep=ep), seq_len=seq, micro_batch_size=1, global_batch_size=8 // tp,
+                     dispatch_dedup="none")  # one copy per (token, expert): the closed form below
     mt = moe_times(cfg, load_system("dgx-h100"), spec, RooflineCost(), None)
     t = seq // tp  # sequence-parallel shard: each device routes its own tokens, none twice
     choices = t * cfg.num_experts_per_tok  # balanced: a device computes as many choices as it sends

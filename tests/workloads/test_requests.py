@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moesim.serve import requests as rq
+from workloads import requests as rq
 
 
 def test_shipped_length_model_is_the_fit_of_the_shipped_sample():
