@@ -59,8 +59,9 @@ CASES = [
          f"{DS_V3}, sec. 1: 180K H800 GPU hours per trillion tokens (= 1,543 tokens/s per GPU, wall clock incl. "
          "everything); sec. 3.2: PP16, EP64 over 8 nodes, ZeRO-1, DualPipe, 20 SMs for communication; sec. 4.2: "
          "seq 4096, batch 15,360 sequences (final)",
-         "micro-batch size (1), stage layout (even split), routing (balanced; node-limited routing and the MTP "
-         "module not modelled), downtime", comm_sms=20),
+         "micro-batch size (1), stage layout (even split), routing (balanced and node-limited: each token's experts "
+         "on at most 4 of the 8 nodes; dispatch one copy per (token, node) over IB as DeepEP; the MTP module not "
+         "modelled), downtime", comm_sms=20),
     Case("Qwen3-235B-A22B, TP2 EP32 PP8 VPP4", "qwen3-235b-a22b", "dgx-h100", 32,
          dict(tp=2, pp=8, dp=16, ep=32, zero=1, virtual_stages=4),
          dict(seq_len=4096, micro_batch_size=1, global_batch_size=2048, schedule="interleaved", recompute="selective"),

@@ -209,21 +209,8 @@ def aggregate(trace: Trace, placement: Placement, num_devices: int, options: Sim
     t_group = all_step * m + t_mb  # (step, micro-batch) of each token
     row_token = offsets[step_idx] + c["token"]
     src = t_src.astype(np.int32)[row_token]  # per-row arrays in int32 where ids allow: memory per row counts
-    route = REPLICA_ROUTING[options.replica_routing]
-    dst = np.empty_like(src)
     layer = c["layer"]
-    if placement.replica_count.max() == 1:  # one replica per expert: every policy picks it (no RNG draws needed)
-        dev = np.stack([placement.expert_devices(i)[:, 0] for i in range(placement.num_layers)])
-        dst[:] = dev.reshape(-1)[layer.astype(np.int64) * e_count + c["expert"]]
-    else:
-        # (step, layer) in order, so a trace replayed step by step (moesim.stream) draws the same numbers
-        step_layer = step_idx * l_count + layer
-        order = np.argsort(step_layer, kind="stable")
-        bounds = np.searchsorted(step_layer[order], np.arange(len(steps) * l_count + 1))
-        for sl in range(len(steps) * l_count):
-            rows = order[bounds[sl]:bounds[sl + 1]]  # ascending row order, like flatnonzero
-            if rows.size:
-                dst[rows] = route(placement, sl % l_count, src[rows], c["expert"][rows], c["token"][rows], rng)
+    dst = _destinations(c, placement, src, step_idx, (len(steps), l_count, e_count), options.replica_routing, rng)
     g = t_group[row_token] * l_count + layer
     del step_idx
     g_count = len(steps) * m * l_count
@@ -249,6 +236,29 @@ def aggregate(trace: Trace, placement: Placement, num_devices: int, options: Sim
     return Routed(group_key=keys, pair_tokens=pair.reshape(g_count, d_count, d_count),
                   expert_tokens=expert.reshape(g_count, d_count, e_count),
                   router_tokens=router.reshape(g_count, d_count), num_tokens=int(n_per_step.sum()))
+
+
+def _destinations(c: dict, placement: Placement, src: np.ndarray, step_idx: np.ndarray, shape: tuple[int, int, int],
+                  replica_routing: str, rng: np.random.Generator) -> np.ndarray:
+    """The device [rows] (int32) that computes each row's (token, expert) choice under ``placement``;
+    ``shape`` = (steps, layers, experts) of the trace."""
+    num_steps, l_count, e_count = shape
+    layer = c["layer"]
+    dst = np.empty_like(src)
+    if placement.replica_count.max() == 1:  # one replica per expert: every policy picks it (no RNG draws needed)
+        dev = np.stack([placement.expert_devices(i)[:, 0] for i in range(placement.num_layers)])
+        dst[:] = dev.reshape(-1)[layer.astype(np.int64) * e_count + c["expert"]]
+        return dst
+    route = REPLICA_ROUTING[replica_routing]
+    # (step, layer) in order, so a trace replayed step by step (moesim.stream) draws the same numbers
+    step_layer = step_idx * l_count + layer
+    order = np.argsort(step_layer, kind="stable")
+    bounds = np.searchsorted(step_layer[order], np.arange(num_steps * l_count + 1))
+    for sl in range(num_steps * l_count):
+        rows = order[bounds[sl]:bounds[sl + 1]]  # ascending row order, like flatnonzero
+        if rows.size:
+            dst[rows] = route(placement, sl % l_count, src[rows], c["expert"][rows], c["token"][rows], rng)
+    return dst
 
 
 def dedup_pair_keys(group: np.ndarray, token_layer: np.ndarray, src: np.ndarray, dst: np.ndarray, d_count: int,
@@ -442,7 +452,8 @@ class RoutingTotals:
     streamed step by step (:mod:`moesim.stream`) adds its steps' totals and gets the in-memory figures.
 
     device_tokens [L, D]: choices computed per device; pair_tokens [D, D]: choices sent from src (row)
-    to another device dst (column), diagonal 0; dispatched, computed, combined, trace_rows [L]."""
+    to another device dst (column), diagonal 0; dispatched, computed, combined, trace_rows [L] (with
+    ``dispatch_dedup`` pair_tokens, dispatched and combined count the copies sent, not the choices)."""
 
     device_tokens: np.ndarray
     pair_tokens: np.ndarray

@@ -317,10 +317,10 @@ def expand(table: LoadTable, tokens: int | None = None, *, steps: int = 1, seed:
                      extra={"model_layer_index_0based": list(table.moe_layers), "load_table_tokens": table.num_tokens,
                             "seed": seed, "note": "per-layer loads equal the table; no inter-layer affinity "
                             "(layers expanded independently); weights 1/k", **table.extra})
-    return _dense_trace(ids, steps, tokens, meta)
+    return dense_trace(ids, steps, tokens, meta)
 
 
-def _dense_trace(ids: np.ndarray, steps: int, tokens: int, meta: TraceMeta) -> Trace:
+def dense_trace(ids: np.ndarray, steps: int, tokens: int, meta: TraceMeta) -> Trace:
     """The trace :func:`workloads.trace.from_dense` builds from ``ids`` [steps * tokens, layers, k] (step
     ``g // tokens``, token ``g % tokens``, weights 1/k), column for column, without its sort and checks: rows
     in (step, layer, token, rank) order are a transpose of ``ids``, and :func:`expand_layer` guarantees

@@ -15,6 +15,14 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="simulate serving a whole model: arrivals, continuous batching, KV cache",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_system_flags(p)
+    _add_workload_flags(p)
+    _add_scheduler_flags(p)
+    _add_output_flags(p)
+    p.set_defaults(func=run)
+
+
+def _add_workload_flags(p) -> None:
+    """Layout, arrivals, routing and placement."""
     p.add_argument("--tp", type=int_in(1, MAX_DEVICES), default=1, help="tensor parallel size")
     p.add_argument("--ep", type=int_in(1, MAX_DEVICES), default=1, help="expert parallel size (divides tp x dp)")
     p.add_argument("--dp", type=int_in(1, MAX_DEVICES), default=None,
@@ -47,6 +55,10 @@ def register(sub) -> None:
     p.add_argument("--expert-cache-gb", type=float_in(0, 1e6, open_lo=True), default=None,
                    help="offloaded serving: HBM per device for routed experts (the rest in DDR/host memory, fetched "
                    "on a miss); needs --trace and --ep 1")
+
+
+def _add_scheduler_flags(p) -> None:
+    """Cache, batching, memory and SLOs."""
     p.add_argument("--cache-policy", default="lru", help="expert cache policy (moesim.memory.cache CACHE_POLICIES: "
                    "lru, lfu, pregate, affinity, belady)")
     p.add_argument("--disaggregate", default=None, metavar="P:D",
@@ -66,6 +78,10 @@ def register(sub) -> None:
                    help="part of HBM for weights and KV cache (vLLM's gpu_memory_utilization)")
     p.add_argument("--slo-ttft-s", type=float_in(0, None, open_lo=True), default=2.0, help="TTFT SLO for goodput")
     p.add_argument("--slo-tpot-s", type=float_in(0, None, open_lo=True), default=0.1, help="TPOT SLO for goodput")
+
+
+def _add_output_flags(p) -> None:
+    """Precision, cost model, seed and outputs."""
     p.add_argument("--dtype", default="bf16", help="weights, KV and compute dtype: bf16 | fp16 | fp8")
     p.add_argument("--cost", default="default", help="cost model: default (the device's) | roofline | gpu-fitted | "
                    "calibrated")
@@ -76,7 +92,6 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite the files in --out")
     p.add_argument("--json", default=None, help="also write the metrics JSON to this file")
     p.add_argument("--no-report", action="store_true", help="skip report.html (rebuild it with 'moesim report OUT')")
-    p.set_defaults(func=run)
 
 
 def _requests(args):

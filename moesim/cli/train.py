@@ -43,6 +43,10 @@ def register(sub) -> None:
                    "devices and the replayed trace layers (e.g. with EPLB-style replicas); default contiguous")
     p.add_argument("--expert-mode", default="ep", help="ep (expert parallel over --ep devices) | fssdp (Hecate's fully "
                    "sharded sparse data parallel over the same devices: experts gathered per step by the routing)")
+    p.add_argument("--dispatch-dedup", default="auto", help="copies the MoE all-to-all sends per token: auto (by "
+                   "the comm kernel: node for DeepEP-like kernels, the default), none (one per (token, expert)), gpu "
+                   "(one per (token, destination GPU)), node (one per destination node over scale-out, forwarded "
+                   "per GPU inside it)")
     p.add_argument("--fssdp-plan", default="oracle", help="loads FSSDP places experts by: oracle (all the step's "
                    "routing samples) | first-sample (the first only; the others are unseen)")
     p.add_argument("--offload", default="none", help="none | optimizer (Adam states in host memory / DDR; the "
@@ -77,7 +81,8 @@ def _spec(args, num_devices: int):
     return TrainSpec(parallel=par, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size, global_batch_size=gbs,
                      schedule=args.schedule, recompute=args.recompute, dtype=args.dtype,
                      routing=_routing(args), routing_samples=args.routing_samples,
-                     expert_mode=args.expert_mode, offload=args.offload, fssdp_plan=args.fssdp_plan)
+                     expert_mode=args.expert_mode, offload=args.offload, fssdp_plan=args.fssdp_plan,
+                     dispatch_dedup=args.dispatch_dedup)
 
 
 def _routing(args) -> str:

@@ -47,6 +47,11 @@ of its EP group, ``kv_replicas``). Expert compute stays the training engine's (b
 the cache's routed experts (``weight_bytes_per_device``), and each iteration adds the time it waits for
 expert weights fetched on misses (``expert_stall_s``).
 
+``request_routing`` (:class:`moesim.serve.routing.RequestRouting`): per-request routing; each iteration's
+dispatch, routed experts and combine come from replaying the batch's own trace rows (``BatchWork.routing_rows``) on
+``placement`` (:meth:`IterationCost.routed_moe`; replicas of ``placement`` get their share local-first), the rest
+from ``linear``'s routing-free parts (:meth:`IterationCost.routed_linear_s`).
+
 ``two_batch_overlap``: the rank's batch is split into two micro-batches whose attention/expert compute
 and dispatch/combine all-to-alls alternate on two streams (:func:`two_batch_makespan`); each phase is timed
 at half the tokens (exact, memoized per token count: no interpolation on this path).
@@ -185,7 +190,9 @@ class IterationCost:
     placement: object | None = None  # moesim.placement.Placement of the trace's layers (trace routing only)
     expert_cache: object | None = None  # moesim.serve.offload.ExpertCache: routed experts cached in HBM
     request_routing: object | None = None  # moesim.serve.routing.RequestRouting: per-request trace rows
+    routed_tokens_per_device: int = 256  # per-request routing replays at most this many tokens per EP device
     _routed: tuple | None = field(default=None, repr=False)
+    _unrouted: dict = field(default_factory=dict, repr=False)
     _linear: dict = field(default_factory=dict, repr=False)
     _parts: dict = field(default_factory=dict, repr=False)
     _accepted: set = field(default_factory=set, repr=False)
@@ -313,7 +320,12 @@ class IterationCost:
     def _moe_times(self, tokens: int):
         """The training engine's MoE phases for ``tokens`` per rank: balanced routing unless a routing ``trace`` is
         given (then MoE layer j replays trace layer j mod its layers, one sample, on ``placement`` if set, else
-        the contiguous one)."""
+        the contiguous one). With ``request_routing`` balanced: only the router, shared experts and attention side
+        are used from these (:meth:`routed_linear_s`), and none of them depends on the routing."""
+        if self.request_routing is not None:  # routed phases come per iteration (routed_moe); the rest is routing-free
+            spec = TrainSpec(parallel=self.layout.parallel(), seq_len=tokens, micro_batch_size=1,
+                             global_batch_size=self.layout.dp, dtype=self.dtype, routing="balanced")
+            return moe_times(self.cfg, self.system, spec, self.cost, None)
         spec = TrainSpec(parallel=self.layout.parallel(), seq_len=tokens, micro_batch_size=1,
                          global_batch_size=self.layout.dp, dtype=self.dtype,
                          routing="trace" if self.trace is not None else "balanced", routing_samples=1)
@@ -330,15 +342,20 @@ class IterationCost:
 
     def routed_moe(self, rows: np.ndarray):
         """The training engine's MoE phases (:class:`moesim.train.moe.MoETimes`, one sample) of the EP group routing
-        the tokens at trace ``rows`` (all ranks' tokens of one iteration) on ``placement``: ``ceil(n / ep)`` tokens per
-        device; a batch of fewer tokens than devices is tiled to one per device, and when ``ep`` does not divide
-        ``n`` the first ``ep * floor(n / ep)`` are replayed, scaled (``moesim.train.moe``'s window). Memoized for the
-        last ``rows`` object (every rank of an iteration shares it)."""
+        the tokens at trace ``rows`` (all ranks' tokens of one iteration) on ``placement``: ``ceil(n / devices)``
+        tokens per device. One EP group replays ``ep`` x that many rows (fewer than one per device: tiled; when
+        ``ep`` does not divide them, ``moesim.train.moe``'s window drops the remainder and scales); with
+        several EP groups (``ep < tp x dp``) or above ``routed_tokens_per_device`` tokens per device (large
+        prefill batches, at bounded cost) an evenly spaced subset of the rows is replayed and scaled by
+        ``moesim.train.moe``. Memoized for the last ``rows`` object (every rank of an iteration shares it)."""
         if self._routed is not None and self._routed[0] is rows:
             return self._routed[1]
         lay = self.layout
-        replay = rows if len(rows) >= lay.ep else np.resize(rows, lay.ep)
-        per_device = -(-len(replay) // lay.ep)
+        per_device = max(1, -(-len(rows) // lay.devices))  # every device's share of the batch (dp x tp devices)
+        want = lay.ep * min(per_device, self.routed_tokens_per_device)  # rows one EP group replays
+        replay = np.resize(rows, lay.ep) if len(rows) < lay.ep else rows  # at least one token per device
+        if len(replay) > want:  # several EP groups or a large batch: evenly spaced rows, scaled to per_device
+            replay = replay[np.linspace(0, len(replay) - 1, want).astype(np.int64)]
         spec = TrainSpec(parallel=lay.parallel(), seq_len=per_device * lay.tp, micro_batch_size=1,
                          global_batch_size=lay.dp, dtype=self.dtype, routing="trace", routing_samples=1)
         mt = moe_times(self.cfg, self.system, spec, self.cost, self.request_routing.trace(replay),
@@ -347,14 +364,33 @@ class IterationCost:
         return mt
 
     def routed_linear_s(self, tokens: int, rows: np.ndarray) -> float:
-        """``linear(T)`` (exact) with the MoE dispatch, routed experts and combine of :meth:`routed_moe` on ``rows``
-        instead of the cost's static routing; the rest (router, shared experts, attention side) at ``tokens``."""
-        p = self.layer_parts(tokens)
+        """``linear(T)`` with the MoE dispatch, routed experts and combine of :meth:`routed_moe` on ``rows``
+        instead of the cost's static routing; the rest (embedding, router, attention side, dense layers, shared
+        experts beside the dispatch) at ``tokens``: exact up to ``exact_up_to`` and on the geometric grid, linear
+        between grid points (:meth:`_unrouted_parts`)."""
+        base_s, shared_s = self._unrouted_parts(tokens)
         mt = self.routed_moe(rows)
-        moe = list(self.cfg.moe_layers)
-        dispatch, expert, combine = p.dispatch_s.copy(), p.expert_s.copy(), p.combine_s.copy()
-        dispatch[moe], expert[moe], combine[moe] = mt.dispatch_s[0], mt.expert_s[0], mt.combine_s[0]
-        return p.embed_s + float(np.sum(p.pre_s + np.maximum(dispatch, p.shared_s) + expert + combine))
+        return base_s + float(np.sum(np.maximum(mt.dispatch_s[0], shared_s) + mt.expert_s[0] + mt.combine_s[0]))
+
+    def _unrouted_at(self, t: int) -> tuple[float, np.ndarray]:
+        got = self._unrouted.get(t)
+        if got is None:
+            p = self.layer_parts(t)
+            got = self._unrouted[t] = (p.embed_s + float(p.pre_s.sum()), p.shared_s[list(self.cfg.moe_layers)])
+        return got
+
+    def _unrouted_parts(self, tokens: int) -> tuple[float, np.ndarray]:
+        """(embedding + every layer's ``pre``, shared experts [MoE layers]) for ``tokens`` per rank: exact up to
+        ``exact_up_to`` and at grid points, linear between neighbouring grid points above."""
+        if tokens <= self.exact_up_to:
+            return self._unrouted_at(tokens)
+        g = self._grid_upto(tokens)
+        i = bisect.bisect_left(g, tokens)
+        if g[i] == tokens:
+            return self._unrouted_at(tokens)
+        (a, sa), (b, sb) = self._unrouted_at(g[i - 1]), self._unrouted_at(g[i])
+        f = (tokens - g[i - 1]) / (g[i] - g[i - 1])
+        return a + (b - a) * f, sa + (sb - sa) * f
 
     def _linear_at(self, t: int) -> float:
         v = self._linear.get(t)

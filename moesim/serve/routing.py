@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workloads.load_table import _dense_trace  # from_dense without its sort (tested equal there)
+from workloads.load_table import dense_trace  # from_dense without its sort (tested equal there)
 from workloads.trace import Trace
 
 MAX_ROWS = 50_000_000  # (token, layer, rank) choices held densely at most
@@ -69,4 +69,4 @@ class RequestRouting:
 
     def trace(self, rows: np.ndarray) -> Trace:
         """One step of the tokens at ``rows`` (in that order), for the MoE phases to replay."""
-        return _dense_trace(self.ids[rows], 1, len(rows), self.meta)
+        return dense_trace(self.ids[rows], 1, len(rows), self.meta)

@@ -77,6 +77,7 @@ class MoETimes:
     tokens_per_device: int
     expert_load: np.ndarray | None = None  # [replayed layers, experts] choices per expert, summed over samples
     placement: Placement | None = None  # the placement the trace was replayed on (None: contiguous)
+    dispatch_dedup: str = "none"  # copies the all-to-all sent (SimOptions.dispatch_dedup, :func:`dispatch_dedup_of`)
 
     @property
     def num_samples(self) -> int:
@@ -254,7 +255,8 @@ def moe_times(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostModel
     gc = group_costs(ep_system, model, routed, a2a, cost, options, activation_bytes(model, options))
     mt = _collect(gc, routed, samples, used, n_moe, tokens)
     load = routed.expert_tokens.sum(axis=1).reshape(samples, used, -1).sum(axis=0)
-    return dataclasses.replace(mt, expert_load=load, placement=placement if spec.routing in REPLAYED else None)
+    return dataclasses.replace(mt, expert_load=load, placement=placement if spec.routing in REPLAYED else None,
+                               dispatch_dedup=options.dispatch_dedup)
 
 
 def _check_placement(placement: Placement | None, layers: int, experts: int, ep: int) -> Placement:

@@ -65,7 +65,8 @@ def group_limited_balanced(num_tokens: int, num_experts: int, top_k: int, n_grou
     same picks up to one; groups get equal picks (exactly, when tokens x slots is a multiple of ``n_group``) when
     ``topk_group`` divides ``top_k`` (DeepSeek-V2/V3), else nearly equal."""
     if num_experts % n_group or not 1 <= topk_group <= n_group:
-        raise TrainError(f"n_group {n_group} must divide the {num_experts} experts and be >= topk_group {topk_group} >= 1")
+        raise TrainError(f"n_group {n_group} must divide the {num_experts} experts and be >= topk_group "
+                         f"{topk_group} >= 1")
     size, slots = num_experts // n_group, min(topk_group, top_k)
     if -(-top_k // slots) > size:
         raise TrainError(f"top-{top_k} over at most {topk_group} groups of {size} experts: a group would need "

@@ -132,7 +132,8 @@ class TrainSpec:
         if self.routing_samples < 1:
             raise TrainError("routing_samples must be >= 1")
         if self.dispatch_dedup not in DISPATCH_DEDUP:
-            raise TrainError(f"--dispatch-dedup must be one of {', '.join(DISPATCH_DEDUP)}, got {self.dispatch_dedup!r}")
+            raise TrainError(f"--dispatch-dedup must be one of {', '.join(DISPATCH_DEDUP)}, "
+                             f"got {self.dispatch_dedup!r}")
         v = self.parallel.virtual_stages
         if self.schedule != "interleaved" and v != 1:
             raise TrainError("--virtual-stages > 1 needs --schedule interleaved")

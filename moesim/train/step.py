@@ -149,6 +149,7 @@ def simulate_step(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostM
             "micro_batches": spec.num_micro_batches, "layers": cfg.num_hidden_layers, "dtype": spec.dtype,
             "routing": spec.routing, "expert_mode": spec.expert_mode, "fssdp_plan": spec.fssdp_plan,
             "offload": spec.offload,
+            "dispatch_dedup": ctx.moe.dispatch_dedup if ctx.moe is not None else "none",
             "collectives": describe_collectives(system),
             "cost_model": getattr(cost, "name", type(cost).__name__)}
     return TrainResult(step_time_s=step_s, tokens_per_s=spec.tokens_per_step / step_s,

@@ -251,26 +251,29 @@ def print_step(df: pd.DataFrame) -> None:
 
 
 # serving (moesim.serve): DeepSeek-V3 on hgx-h800 nodes, DP attention x EP over every GPU (tp 1), FP8, decode-heavy
-# requests arriving at a fixed rate, per-request routing from the decode table (moesim.serve.routing)
-SERVE_SYSTEM, SERVE_NODES, SERVE_WORKLOAD = "hgx-h800", (4,), "decode_in1000out1000"
-SERVE_RATE_PER_S, SERVE_DURATION_S = 256.0, 2.0  # Poisson arrivals (seed 0): ~512 requests, 16 per DP rank
+# requests arriving at a fixed rate, per-request routing from the decode table (moesim.serve.routing), roofline costs
+# (as `scale`; the per-iteration MoE replay of 58 layers x 32 GPUs with the fitted GPU cost is ~5x slower)
+SERVE_SYSTEM, SERVE_NODES, SERVE_WORKLOAD = "hgx-h800", (4, 8), "decode_in1000out1000"
+SERVE_RATE_PER_GPU_S, SERVE_DURATION_S = 16.0, 1.0  # Poisson arrivals (seed 0): ~16 requests per GPU (DP rank)
 SERVE_PROMPT_TOKENS, SERVE_OUTPUT_TOKENS = 1000, 100  # 1,000-token prompts as in the table; 100 decodes each
 SERVE_TRACE_TOKENS = 8192  # trace rows the requests draw from (the table expanded, seed 0)
 SERVE_CONFIGS = (("contiguous", 0), ("greedy", 0), ("eplb-hier", 0), ("greedy", 32),  # contiguous places no replicas
                  ("eplb-hier", 32))
 
 
-def _serve_requests():
+def _serve_requests(gpus: int):
     from workloads.requests import Requests
+    rate = SERVE_RATE_PER_GPU_S * gpus
     rng = np.random.default_rng(0)
-    arrival = np.cumsum(rng.exponential(1.0 / SERVE_RATE_PER_S, size=int(SERVE_RATE_PER_S * SERVE_DURATION_S * 2)))
+    arrival = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * SERVE_DURATION_S * 2)))
     arrival = arrival[arrival < SERVE_DURATION_S]
     n = len(arrival)
     return Requests(arrival, np.full(n, SERVE_PROMPT_TOKENS), np.full(n, SERVE_OUTPUT_TOKENS),
-                    source=f"Poisson {SERVE_RATE_PER_S:g}/s over {SERVE_DURATION_S:g} s, seed 0")
+                    source=f"Poisson {rate:g}/s over {SERVE_DURATION_S:g} s, seed 0")
 
 
 def _serve_one(cfg, sys_, trace, method: str, replicas: int) -> dict:
+    from hwmodels.roofline import RooflineCost
     from moesim.serve import exflow
     from moesim.serve.cost import IterationCost, ServeLayout
     from moesim.serve.engine import Replica, simulate
@@ -281,11 +284,11 @@ def _serve_one(cfg, sys_, trace, method: str, replicas: int) -> dict:
 
     gpus = sys_.num_devices
     placement = exflow.place(trace, method, gpus, sys_.devices_per_node, num_replicas=replicas)
-    ic = IterationCost(cfg, sys_, ServeLayout(tp=1, ep=gpus, dp=gpus), dtype="fp8", trace=trace, placement=placement,
-                       request_routing=RequestRouting(trace, seed=0))
+    ic = IterationCost(cfg, sys_, ServeLayout(tp=1, ep=gpus, dp=gpus), RooflineCost(), dtype="fp8", trace=trace,
+                       placement=placement, request_routing=RequestRouting(trace, seed=0))
     sched = SchedulerConfig()
     rep = Replica("colocated", ic, KVBlocks(ic.kv_capacity_blocks(sched.block_size), sched.block_size), ranks=gpus)
-    res = simulate(_serve_requests(), [rep], sched)
+    res = simulate(_serve_requests(gpus), [rep], sched)
     m = summarise(res, num_devices=gpus, num_nodes=sys_.num_nodes, slo_ttft_s=2.0, slo_tpot_s=0.1)
     th, lat = m["throughput"], m["latency_s"]
     return {"nodes": sys_.num_nodes, "gpus": gpus, "method": method, "replicas": replicas,
@@ -318,8 +321,8 @@ def run_serve(workloads: list[str]) -> pd.DataFrame:
 
 def print_serve(df: pd.DataFrame) -> None:
     print(f"\nDeepSeek-V3 serving on {SERVE_SYSTEM} (tp 1, DP attention x EP over all GPUs, FP8): "
-          f"{SERVE_PROMPT_TOKENS}-token prompts, {SERVE_OUTPUT_TOKENS} output tokens, Poisson {SERVE_RATE_PER_S:g}/s "
-          f"for {SERVE_DURATION_S:g} s; routing per request from the table\n")
+          f"{SERVE_PROMPT_TOKENS}-token prompts, {SERVE_OUTPUT_TOKENS} output tokens, Poisson {SERVE_RATE_PER_GPU_S:g}/s "
+          f"per GPU for {SERVE_DURATION_S:g} s; routing per request from the table\n")
     print("| workload | GPUs | placement | R | requests | output tokens/s per GPU | TPOT p50 [ms] | TPOT p90 [ms] | "
           "TTFT p50 [ms] |\n|---|---|---|---|---|---|---|---|---|")
     for x in df.itertuples():

@@ -10,7 +10,7 @@ from hwmodels.specs import load_system
 from moesim.analytic import estimate
 from moesim.placement import contiguous
 from moesim.sim import SimOptions, SimulationError, prepare, simulate
-from workloads.catalog import MoEModel, get_model
+from workloads.catalog import get_model
 from workloads.importers import load_trace
 from workloads.trace import Trace, TraceMeta
 
@@ -23,7 +23,7 @@ EXPECTED = {
     "gpu": [[0, 1, 1, 0], [1, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 1]],
     # token 0: IB 0->2 (its relay in node 1), 2 keeps it; NVLink 0->1.  token 1: IB 1->3, 3 forwards to 2 and
     # keeps one; NVLink 1->0.  token 2: intra-node as 'gpu'.  token 3: IB 3->1, 1 forwards to 0 and keeps one;
-    # 3 keeps its own.
+    # 3 keeps its own.  Diagonal (no link): 2 holds token 0's copy and its own token 2's.
     "node": [[0, 1, 1, 0], [2, 1, 0, 1], [0, 0, 2, 1], [0, 1, 1, 2]],
 }
 # copies crossing scale-out and scale-up links (off-diagonal pairs between / within nodes)
@@ -44,7 +44,8 @@ def _model():
 def _trace():
     rows = [(t, r, e) for t, es in EXPERTS.items() for r, e in enumerate(es)]
     tok, rank, exp = (np.array(x) for x in zip(*rows))
-    cols = {"step": np.zeros(len(rows), np.int32), "layer": np.zeros(len(rows), np.int32), "token": tok.astype(np.int64),
+    cols = {"step": np.zeros(len(rows), np.int32), "layer": np.zeros(len(rows), np.int32),
+            "token": tok.astype(np.int64),
             "rank": rank.astype(np.int16), "expert": exp.astype(np.int32),
             "weight": np.full(len(rows), 0.25, np.float32)}
     return Trace(columns=cols, meta=TraceMeta(model="tiny", num_experts=8, top_k=4, num_layers=1, source="hand"))

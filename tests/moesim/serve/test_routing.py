@@ -46,6 +46,14 @@ def test_a_replica_halves_the_hottest_gpu_and_the_iteration_time_follows():
     assert placed_ic.rank_s(w) < plain_ic.rank_s(w)
 
 
+def test_routed_iteration_on_the_static_window_is_the_static_iteration():
+    trace = _hot_trace(2 * T)
+    placed = exflow.place(trace, "greedy", 2, 2, num_replicas=8)
+    ic = _cost(trace, placed, request_routing=RequestRouting(trace))
+    # the static replay's window is the whole 2T-token step; routing those rows per request gives the same time
+    assert ic.routed_linear_s(T, np.arange(2 * T)) == pytest.approx(_cost(trace, placed).linear_exact_s(T), rel=1e-12)
+
+
 def _routing_trace(tokens=40, layers=2, experts=8, k=2, seed=3):
     rng = np.random.default_rng(seed)
     ids = np.stack([[rng.choice(experts, k, replace=False) for _ in range(layers)] for _ in range(tokens)])
@@ -121,3 +129,28 @@ def test_iteration_time_follows_the_batchs_routing():
 def _with(w, rows):
     import dataclasses
     return dataclasses.replace(w, routing_rows=rows)
+
+
+def test_cli_replicas_and_request_routing(tmp_path, capsys):
+    import json
+
+    from moesim.cli import main
+    base = ["serve", "--model", "olmoe-1b-7b", "--system", "dgx-h100", "--ep", "8", "--rate", "4",
+            "--duration-s", "0.5", "--no-report"]
+    assert main([*base, "--redundant-slots", "8", "--out", str(tmp_path / "a")]) != 0
+    assert "--placement" in capsys.readouterr().err
+    assert main([*base, "--request-routing", "--out", str(tmp_path / "b")]) != 0
+    assert "--trace" in capsys.readouterr().err
+    assert main([*base, "--trace", "flame-moe-290m", "--placement", "greedy", "--redundant-slots", "8",
+                 "--request-routing", "--out", str(tmp_path / "c")]) == 0
+    m = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert m["config"]["redundant_slots"] == 8 and m["config"]["request_routing"] is True
+    assert m["requests"]["finished"] == m["requests"]["total"] > 0
+
+
+def test_several_ep_groups_route_one_groups_share_of_the_batch():
+    trace = _hot_trace(4 * T)
+    ic = IterationCost(load_config("olmoe-1b-7b"), pool_system(load_system("dgx-h100"), 4),
+                       ServeLayout(tp=1, ep=2, dp=4), trace=trace, request_routing=RequestRouting(trace))
+    # 4 ranks x T tokens, two EP groups of 2 GPUs: each group's hot GPU computes its 2T tokens x 8 choices
+    assert ic.routed_moe(np.arange(4 * T)).expert_tokens_max.max() == 2 * T * 8
