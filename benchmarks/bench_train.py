@@ -261,12 +261,34 @@ def main(argv: list[str] | None = None) -> Path:
         lines += ["How the predictions move with unpublished settings (one change each, default cost model; memory "
                   "is not enforced here, `fits_80GB` says whether the variant fits):", ""]
         lines += md_table(sensitivity(), "{:,.4g}").split("\n") + [""]
+    kept_val, kept_speed = _kept_sections()  # a run of one part keeps the other part of the last results file
+    if not do_val:
+        lines += kept_val
     if do_speed:
         lines += ["Speed: `.venv/bin/python -m benchmarks.bench_train --speed` (wall seconds of one simulated "
                   "DeepSeek-V3 step, PP16 EP64 on hgx-h800 nodes, one run each; trace_load_s: reading and "
                   "expanding the trace, or fitting the generator and drawing the routing, apart; total_s: both)",
                   ""] + md_table(speed(), "{:,.4g}").split("\n") + [""]
+    else:
+        lines += kept_speed
     return write_result("train", lines)
+
+
+def _kept_sections() -> tuple[list[str], list[str]]:
+    """The validation and the speed part (lines) of the current ``benchmarks/results/train.md``, if any."""
+    from benchmarks import RESULTS
+
+    path = RESULTS / "train.md"
+    if not path.is_file():
+        return [], []
+    body = path.read_text().split("\n")[2:]  # after the heading and its blank line
+    cut = next((i for i, line in enumerate(body) if line.startswith("Speed: `")), len(body))
+    def part(lines: list[str]) -> list[str]:  # without its trailing blank lines, then one
+        while lines and lines[-1] == "":
+            lines = lines[:-1]
+        return lines + [""] if lines else []
+
+    return part(body[:cut]), part(body[cut:])
 
 
 if __name__ == "__main__":
