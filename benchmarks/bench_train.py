@@ -32,6 +32,8 @@ NEMO_H100 = ("Megatron-Bridge docs/performance-summary.md @00b7660b (github.com/
              "NeMo 25.11, DGX-H100 table; MoE runs force-balance tokens over experts")
 LLAMA3 = ("The Llama 3 Herd of Models, arXiv:2407.21783, Table 4 (405B pre-training, BF16, H100); sec. 3.3.2: one "
           "block fewer on the first and the last pipeline stage")
+LLAMA3_ASSUMED = ("schedule (1F1B; Meta used a modified interleaved one, whose interleaved form does not fit 80 GB "
+                  "here), micro-batch size (1), recomputation (selective), FLOP-counting convention")
 
 
 @dataclass(frozen=True)
@@ -114,15 +116,13 @@ CASES = [
          dict(seq_len=8192, micro_batch_size=1, global_batch_size=2048, schedule="1f1b", recompute="selective"),
          "tflops_per_device", 430.0, f"{LLAMA3}: 8,192 GPUs, TP8 CP1 PP16 DP64, seq 8192, 16M tokens/batch: "
          "430 TFLOPs/GPU (43 % BF16 MFU)",
-         "schedule (1F1B; Meta used a modified interleaved one, whose interleaved form does not fit 80 GB here), "
-         "micro-batch size (1), recomputation (selective), FLOP-counting convention", fit_as="h100-vidur"),
+         LLAMA3_ASSUMED, fit_as="h100-vidur"),
     Case("Llama 3.1 405B, 16384 H100", "llama-3.1-405b", "dgx-h100", 2048,
          dict(tp=8, pp=16, dp=128, zero=1, first_stage_layers=7, last_stage_layers=7),
          dict(seq_len=8192, micro_batch_size=1, global_batch_size=2048, schedule="1f1b", recompute="selective"),
          "tflops_per_device", 400.0, f"{LLAMA3}: 16,384 GPUs, TP8 CP1 PP16 DP128, seq 8192, 16M tokens/batch: "
          "400 TFLOPs/GPU (41 % BF16 MFU)",
-         "schedule (1F1B; Meta used a modified interleaved one, whose interleaved form does not fit 80 GB here), "
-         "micro-batch size (1), recomputation (selective), FLOP-counting convention", fit_as="h100-vidur"),
+         LLAMA3_ASSUMED, fit_as="h100-vidur"),
 ]
 
 

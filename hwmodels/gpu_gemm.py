@@ -25,6 +25,7 @@ relative error (:func:`fit_gemm_params`); the SM count and the peaks come from t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -141,13 +142,20 @@ def grouped_gemm_time_s(group_m, n: int, k: int, gpu: GpuShape, p: GemmParams, n
     sms = float(num_sms or gpu.num_sms)
     bw = gpu.bandwidth_bytes_per_s * p.memory_efficiency
     stream = (gm.sum() * (k + n) + gm.size * float(k) * n) * gpu.dtype_bytes / bw
+    m_tiles = {bm: np.ceil(gm / bm).sum() for bm in {bm for bm, _ in TILES}}  # m-tiles of all groups, per bm
     best = np.inf
-    for bm, bn in TILES:
-        tiles = float(np.ceil(gm / bm).sum() * np.ceil(n / bn))
-        waves = np.ceil(tiles / sms)
-        t = p.overhead_s + max(waves * float(_tile_time_s(bm, bn, float(k), gpu, p)), stream)
+    for bm, n_tiles, tile_s in _grouped_tiles(n, k, gpu, p):
+        waves = np.ceil(float(m_tiles[bm] * n_tiles) / sms)
+        t = p.overhead_s + max(waves * tile_s, stream)
         best = min(best, t)
     return float(best)
+
+
+@lru_cache(maxsize=1024)
+def _grouped_tiles(n, k, gpu: GpuShape, p: GemmParams) -> tuple[tuple[int, float, float], ...]:
+    """Per tile of :data:`TILES`: (bm, tiles along n, one tile's time in s); depends only on the GEMM's n and k,
+    so an MoE layer's grouped GEMMs (same n, k every call) compute it once."""
+    return tuple((bm, np.ceil(n / bn), float(_tile_time_s(bm, bn, float(k), gpu, p))) for bm, bn in TILES)
 
 
 def stream_time_s(nbytes, gpu: GpuShape, p: GemmParams) -> np.ndarray:

@@ -31,10 +31,10 @@ def write_run(result: Result, out_dir: str | Path, expert_load: np.ndarray, extr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if trace is not None:
-        from workloads.trace import columns_checksum, write_parquet
+        from workloads.trace import write_parquet_checksummed
 
-        write_parquet(trace, out / RUN_TRACE)
-        extra = {**(extra or {}), "trace_sha256": columns_checksum(trace.columns)}
+        _, checksum = write_parquet_checksummed(trace, out / RUN_TRACE)
+        extra = {**(extra or {}), "trace_sha256": checksum}
     result.ops.to_parquet(out / "ops.parquet", index=False)
     result.link_bytes.to_parquet(out / "link_bytes.parquet", index=False)
     result.tokens.to_parquet(out / "tokens.parquet", index=False)

@@ -195,16 +195,17 @@ def aggregate(trace: Trace, placement: Placement, num_devices: int, options: Sim
     l_count = trace.meta.num_layers
     steps, step_idx = _step_index(c["step"])
     n_per_step = _tokens_per_step(c["token"], step_idx, len(steps))
-    check_alloc("per-token routing arrays (sum over steps of the largest token id + 1)", (int(n_per_step.sum()), 4),
+    n_tokens = int(n_per_step.sum())
+    check_alloc("per-token routing arrays (sum over steps of the largest token id + 1)", (n_tokens, 4),
                 8, hint="token ids are sparse; renumber them 0..n-1 per step (Trace.renumber_tokens)")
-    g_all = len(steps) * m * l_count
+    g_count = len(steps) * m * l_count
     check_alloc("per-group routing counts (steps x micro-batches x layers x devices x max(devices, experts))",
-                (g_all, d_count, max(d_count, e_count)), 8, hint="use fewer micro-batches, devices or steps")
+                (g_count, d_count, max(d_count, e_count)), 8, hint="use fewer micro-batches, devices or steps")
     # shard every token once (also tokens whose choices were all dropped: they still pass the router),
     # then gather per row: cheaper than integer division over all rows
     offsets = np.concatenate([[0], np.cumsum(n_per_step)[:-1]])
     all_step = np.repeat(np.arange(len(steps)), n_per_step)
-    all_tokens = np.arange(int(n_per_step.sum())) - offsets[all_step]
+    all_tokens = np.arange(n_tokens) - offsets[all_step]
     t_src, t_mb = _shard(all_tokens, n_per_step[all_step], d_count, m)
     t_group = all_step * m + t_mb  # (step, micro-batch) of each token
     row_token = offsets[step_idx] + c["token"]
@@ -213,7 +214,6 @@ def aggregate(trace: Trace, placement: Placement, num_devices: int, options: Sim
     dst = _destinations(c, placement, src, step_idx, (len(steps), l_count, e_count), options.replica_routing, rng)
     g = t_group[row_token] * l_count + layer
     del step_idx
-    g_count = len(steps) * m * l_count
     if options.dispatch_dedup == "none":
         key = g * (d_count * d_count)  # in-place key arithmetic: one int64 per row at a time
         key += src * np.int64(d_count)
@@ -235,7 +235,7 @@ def aggregate(trace: Trace, placement: Placement, num_devices: int, options: Sim
     keys = np.stack(np.meshgrid(steps, np.arange(m), np.arange(l_count), indexing="ij"), axis=-1).reshape(-1, 3)
     return Routed(group_key=keys, pair_tokens=pair.reshape(g_count, d_count, d_count),
                   expert_tokens=expert.reshape(g_count, d_count, e_count),
-                  router_tokens=router.reshape(g_count, d_count), num_tokens=int(n_per_step.sum()))
+                  router_tokens=router.reshape(g_count, d_count), num_tokens=n_tokens)
 
 
 def _destinations(c: dict, placement: Placement, src: np.ndarray, step_idx: np.ndarray, shape: tuple[int, int, int],

@@ -331,14 +331,20 @@ def columns_checksum(columns: dict[str, np.ndarray]) -> str:
 def write_parquet(trace: Trace, path: str | Path) -> Path:
     """Write a validated trace to Parquet (atomically: a temp file renamed into place), with a checksum
     of its columns in the metadata."""
+    return write_parquet_checksummed(trace, path)[0]
+
+
+def write_parquet_checksummed(trace: Trace, path: str | Path) -> tuple[Path, str]:
+    """:func:`write_parquet`, also returning the columns checksum it wrote (for a caller that records it)."""
     import pyarrow as pa
 
     from moebase.parquet_io import write_with_header
 
     validate(trace, allow_partial=True)
     table = pa.table({k: pa.array(v) for k, v in trace.columns.items()})
-    header = {**json.loads(trace.meta.to_json()), "columns_sha256": columns_checksum(trace.columns)}
-    return write_with_header(table, path, META_KEY, json.dumps(header, sort_keys=True))
+    checksum = columns_checksum(trace.columns)
+    header = {**json.loads(trace.meta.to_json()), "columns_sha256": checksum}
+    return write_with_header(table, path, META_KEY, json.dumps(header, sort_keys=True)), checksum
 
 
 def read_parquet(path: str | Path, *, allow_partial: bool = False) -> Trace:

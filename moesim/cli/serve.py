@@ -281,6 +281,20 @@ def run(args) -> int:
     return 0
 
 
+def serve_metrics(flags: list[str]) -> dict:
+    """metrics.json of ``moesim serve FLAGS`` run without the report in a temporary directory (for studies);
+    SystemExit naming the command when it fails."""
+    import tempfile
+
+    from moesim.cli import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["serve", *flags, "--no-report", "--out", tmp]
+        if main(args) != 0:
+            raise SystemExit(f"moesim {' '.join(args)} failed")
+        return json.loads((Path(tmp) / "metrics.json").read_text())
+
+
 def _config(args, cfg, system, req, replicas, sched, wall_s) -> dict:
     return {"model": cfg.name, "model_source": cfg.source, "system": system.name, "device": system.device.name,
             "num_devices": system.num_devices, "requests_source": req.source, "seed": args.seed,

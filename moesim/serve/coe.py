@@ -37,7 +37,7 @@ import numpy as np
 import simpy
 
 from hwmodels.specs import System
-from moesim.memory.coe import Deployment, two_step_route
+from moesim.memory.coe import Deployment, zipf_route
 from moesim.memory.tiers import MemoryHierarchy, SimMemory
 from moesim.serve.cost import IterationCost, ServeError, ServeLayout, pool_system
 from moesim.serve.engine import Replica, simulate
@@ -101,15 +101,11 @@ def route_experts(n: int, num_experts: int, rng: np.random.Generator, *, zipf_s:
                   num_categories: int | None = None, category_to_expert: np.ndarray | None = None) -> np.ndarray:
     """Expert id [n] per request: step 1 draws a category with Zipf(``zipf_s``) popularity (popular categories
     are a random permutation, not the low ids), step 2 maps it through ``category_to_expert`` (default
-    category c -> expert c mod num_experts) with :func:`moesim.memory.coe.two_step_route`."""
+    category c -> expert c mod num_experts): the experts of :func:`moesim.memory.coe.zipf_route`."""
     if n < 0 or num_experts < 1:
         raise ServeError(f"need n >= 0 requests and num_experts >= 1, got {n}, {num_experts}")
-    c = num_categories or num_experts
-    weights = 1.0 / np.arange(1, c + 1) ** zipf_s
-    perm = rng.permutation(c)
-    cats = perm[rng.choice(c, size=n, p=weights / weights.sum())]
-    table = np.arange(c) % num_experts if category_to_expert is None else np.asarray(category_to_expert)
-    return two_step_route(cats, table, num_experts)
+    return zipf_route(n, num_experts, rng, zipf_s=zipf_s, num_categories=num_categories,
+                      category_to_expert=category_to_expert)[1]
 
 
 @dataclass(frozen=True)

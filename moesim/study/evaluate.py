@@ -87,13 +87,6 @@ def _traffic(name: str, model: str, tokens: int, steps: int, seed: int):
     return make_traffic(name, _model(model), tokens, steps, seed)
 
 
-def placement_methods() -> dict:
-    """Placement methods by name (:data:`moesim.place.METHODS` and its aliases), each a plain placer
-    ``(problem, rng) -> Placement`` (CP-SAT methods run deterministic, see ``Method.study_placer``)."""
-    from moesim.place import ALIASES, METHODS, get_method
-    return {name: get_method(name).study_placer for name in [*METHODS, *ALIASES]}
-
-
 def _placement(method: str, fit_trace, system, replicas: int, seed: int):
     from moesim.place import get_method
     from moesim.place.problem import link_costs, problem_from_trace

@@ -34,7 +34,7 @@ from collections import deque
 import numpy as np
 
 from moesim.train.spec import TrainError
-from moesim.train.timeline import Slot, Timeline
+from moesim.train.timeline import Timeline, list_schedule, max_live
 
 
 def rank_order(r: int, p: int, m: int) -> list[tuple]:
@@ -102,31 +102,11 @@ def run_dualpipe(fwd_s: np.ndarray, bwd_s: np.ndarray, p2p_s: float, p: int, fwd
     costs = (fwd_s, bwd_s, zero if wgt_s is None else wgt_s, zero if fwd_comm_s is None else fwd_comm_s,
              zero if bwd_comm_s is None else bwd_comm_s)
     orders = [rank_order(r, p, m) for r in range(p)]
-    done: dict[tuple, float] = {}
-    free, pos, busy, slots = [0.0] * p, [0] * p, np.zeros(p), []
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progress = False
-        for r in range(p):
-            while pos[r] < len(orders[r]):
-                op = orders[r][pos[r]]
-                ready = _ready(op, r, p, m, done, p2p_s)
-                if ready is None:
-                    break
-                dur = _cost(op, r, p, m, costs)
-                start = max(free[r], ready)
-                free[r] = start + dur
-                busy[r] += dur
-                for key in _keys(op, r, p):
-                    done[key] = free[r]
-                chunk, mb = _slot_ids(op, r, p, m)
-                slots.append(Slot(r, op[0], chunk, mb, start, free[r]))
-                pos[r] += 1
-                remaining -= 1
-                progress = True
-        if not progress:
-            raise TrainError(f"pipeline schedule 'dualpipe' deadlocked (p={p}, m={m})")
-    return Timeline(tuple(slots), max(free), busy, np.array([_max_live(o) for o in orders]))
+    slots, free, busy = list_schedule(
+        orders, lambda op, r, done: _ready(op, r, p, m, done, p2p_s), lambda op, r: _cost(op, r, p, m, costs),
+        lambda op, r: _keys(op, r, p), lambda op, r: _slot_ids(op, r, p, m),
+        f"pipeline schedule 'dualpipe' deadlocked (p={p}, m={m})")
+    return Timeline(tuple(slots), max(free), busy, np.array([max_live(o, _parts) for o in orders]))
 
 
 def _chunk(d: int, r: int, p: int) -> int:
@@ -185,13 +165,3 @@ def _slot_ids(op, r: int, p: int, m: int) -> tuple:
     """(chunk, micro-batch) of a timeline slot; an FB pair gives its backward's."""
     d, j = op[2] if op[0] == "FB" else op[1:3]
     return _chunk(d, r, p), d * (m // 2) + j
-
-
-def _max_live(order) -> int:
-    """Most forwards whose (input-gradient) backward has not run, on one rank, over both directions."""
-    live = peak = 0
-    for op in order:
-        for what, _, _ in _parts(op):
-            live += {"F": 1, "B": -1}.get(what, 0)
-            peak = max(peak, live)
-    return peak

@@ -24,7 +24,7 @@ import numpy as np
 
 from moesim.train.dualpipe import run_dualpipe
 from moesim.train.spec import TrainError
-from moesim.train.timeline import Slot, Timeline
+from moesim.train.timeline import Slot, Timeline, list_schedule, max_live
 
 __all__ = ["Slot", "Timeline", "run_schedule", "stage_order"]
 
@@ -69,33 +69,12 @@ def run_schedule(schedule: str, fwd_s: np.ndarray, bwd_s: np.ndarray, p2p_s: flo
     m = fwd_s.shape[1]
     orders = [_fuse(stage_order(schedule, s, p, m, v)) if schedule == "dualpipe" else stage_order(schedule, s, p, m, v)
               for s in range(p)]
-    done: dict[tuple[str, int, int, int], float] = {}
-    free, pos = [0.0] * p, [0] * p
-    slots: list[Slot] = []
-    busy = np.zeros(p)
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progress = False
-        for s in range(p):
-            while pos[s] < len(orders[s]):
-                op = orders[s][pos[s]]
-                ready = _ready(op, s, p, v, done, p2p_s)
-                if ready is None:
-                    break
-                dur = _duration(op, s, p, fwd_s, bwd_s, fwd_comm_s, bwd_comm_s)
-                start = max(free[s], ready)
-                free[s] = start + dur
-                busy[s] += dur
-                what, c, i = _parts(op)[0]
-                done[(what, c, s, i)] = free[s]
-                slots.append(Slot(s, op[0], op[1], op[2], start, free[s]))
-                pos[s] += 1
-                remaining -= 1
-                progress = True
-        if not progress:
-            raise TrainError(f"pipeline schedule {schedule!r} deadlocked (p={p}, v={v}, m={m})")
-    live = np.array([_max_live(o) for o in orders])
-    return Timeline(tuple(slots), max(free), busy, live)
+    slots, free, busy = list_schedule(
+        orders, lambda op, s, done: _ready(op, s, p, v, done, p2p_s),
+        lambda op, s: _duration(op, s, p, fwd_s, bwd_s, fwd_comm_s, bwd_comm_s),
+        _keys, lambda op, s: (op[1], op[2]),
+        f"pipeline schedule {schedule!r} deadlocked (p={p}, v={v}, m={m})")
+    return Timeline(tuple(slots), max(free), busy, np.array([max_live(o, _parts) for o in orders]))
 
 
 def _fuse(order: list[tuple]) -> list[tuple]:
@@ -109,6 +88,11 @@ def _fuse(order: list[tuple]) -> list[tuple]:
 
 def _parts(op) -> list[tuple[str, int, int]]:
     return [("B", op[1], op[2])] if op[0] == "FB" else [op]
+
+
+def _keys(op, s) -> list[tuple]:
+    what, c, i = _parts(op)[0]
+    return [(what, c, s, i)]
 
 
 def _ready(op, s, p, v, done, p2p_s) -> float | None:
@@ -135,12 +119,3 @@ def _duration(op, s, p, fwd_s, bwd_s, fwd_comm_s, bwd_comm_s) -> float:
     fm = float(fwd_comm_s[cf * p + s, i_f]) if fwd_comm_s is not None else 0.0
     bm = float(bwd_comm_s[qb, op[2]]) if bwd_comm_s is not None else 0.0
     return b - min(f - fm + b - bm, fm + bm)
-
-
-def _max_live(order) -> int:
-    live = peak = 0
-    for op in order:
-        for what, _, _ in _parts(op):
-            live += 1 if what == "F" else -1
-            peak = max(peak, live)
-    return peak

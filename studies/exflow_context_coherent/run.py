@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -46,21 +45,16 @@ def comm_rows(trace_fit, trace_eval, cfg, system, devices: int, per_node: int, s
 
 def serve_rows(nodes: int, seed: int, rate: float, duration_s: float) -> list[dict]:
     """Saturated serving of MODEL on SYSTEM x nodes, EP over all devices, per (mode, placement)."""
-    from moesim.cli import main
+    from moesim.cli.serve import serve_metrics
 
     rows = []
     for mode, kv, placement in (("standard", "-", "contiguous"), ("standard", "-", "traffic"),
                                 ("coherent", "replicated", "contiguous"), ("coherent", "replicated", "traffic"),
                                 ("coherent", "free", "contiguous"), ("coherent", "free", "traffic")):
-        with tempfile.TemporaryDirectory() as tmp:
-            args = ["serve", "--model", MODEL, "--system", SYSTEM, "--nodes", str(nodes), "--ep", str(8 * nodes),
-                    "--trace", TRACE, "--ep-mode", mode, "--placement", placement, "--rate", str(rate),
-                    "--duration-s", str(duration_s), "--seed", str(seed), "--no-report", "--out", tmp]
-            if kv != "-":
-                args += ["--coherent-kv", kv]
-            if main(args) != 0:
-                raise SystemExit(f"moesim {' '.join(args)} failed")
-            m = json.loads((Path(tmp) / "metrics.json").read_text())
+        flags = ["--model", MODEL, "--system", SYSTEM, "--nodes", str(nodes), "--ep", str(8 * nodes),
+                 "--trace", TRACE, "--ep-mode", mode, "--placement", placement, "--rate", str(rate),
+                 "--duration-s", str(duration_s), "--seed", str(seed)]
+        m = serve_metrics(flags + (["--coherent-kv", kv] if kv != "-" else []))
         rows.append({"nodes": nodes, "mode": mode, "coherent_kv": kv, "placement": placement,
                      "output_tokens_per_s": m["throughput"]["output_tokens_per_s"],
                      "tpot_ms_mean": m["latency_s"]["tpot"]["mean"] * 1e3,

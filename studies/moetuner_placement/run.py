@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 TRACE = "flame-moe-290m"
@@ -20,15 +19,11 @@ PLACEMENTS = ("contiguous", "balance", "traffic", "joint")
 
 def serve(nodes: int, placement: str, rate: float, duration_s: float, seed: int) -> dict:
     """Metrics of one saturated run: EP over every device, the trace's routing replayed on ``placement``."""
-    from moesim.cli import main
+    from moesim.cli.serve import serve_metrics
 
-    with tempfile.TemporaryDirectory() as tmp:
-        args = ["serve", "--model", MODEL, "--system", SYSTEM, "--nodes", str(nodes), "--ep", str(8 * nodes),
-                "--trace", TRACE, "--placement", placement, "--rate", str(rate), "--duration-s", str(duration_s),
-                "--seed", str(seed), "--no-report", "--out", tmp]
-        if main(args) != 0:
-            raise SystemExit(f"moesim {' '.join(args)} failed")
-        return json.loads((Path(tmp) / "metrics.json").read_text())
+    return serve_metrics(["--model", MODEL, "--system", SYSTEM, "--nodes", str(nodes), "--ep", str(8 * nodes),
+                          "--trace", TRACE, "--placement", placement, "--rate", str(rate),
+                          "--duration-s", str(duration_s), "--seed", str(seed)])
 
 
 def main(argv=None) -> int:
