@@ -44,6 +44,10 @@ def register(sub) -> None:
                    help="--compare: comma-separated placement methods (default: all of moesim.place.METHODS)")
     p.add_argument("--report", default=None, help="--compare: HTML report path, its table beside it as .json "
                    "(default: <out stem>-compare.html)")
+    p.add_argument("--cost", default="default", help="--compare: cost model of the held-out replay: default (the "
+                   "fitted GPU model where the device spec ships one, else roofline; as moesim simulate) | roofline | "
+                   "gpu-fitted | calibrated")
+    p.add_argument("--profile", default=None, help="--compare: kernel-timing profile (.parquet) for --cost calibrated")
     p.add_argument("--deterministic", action="store_true",
                    help="reproducible solves: --time-limit counts CP-SAT deterministic time, not wall seconds")
     p.add_argument("--seed", type=int_in(0, None), default=0, help="seed of the random generators (reproducible runs)")
@@ -169,7 +173,13 @@ def _compare(args, setup: dict, methods: list[str], solve_kw: dict) -> int:
     from moesim.place.evaluate import evaluate
     from moesim.report.placement import format_table, write_placement_report
 
+    from hwmodels.cost import describe_cost
+    from moesim.cli.simulate import resolve_cost
+    from moesim.sim import SimOptions
+
     system, problem, heldout, context = setup["system"], setup["problem"], setup["heldout"], setup["context"]
+    cost = resolve_cost(args.cost, args.profile, system.device)
+    context["cost model"] = describe_cost(cost, system.device, getattr(cost, "dtype", SimOptions().dtype), system=system)
     heldout_problem = problem_from_trace(heldout, system.num_devices, system.devices_per_node,
                                          num_replicas=args.replicas, slots_per_device=problem.slots_per_device)
     rows, placements = [], {}
@@ -182,13 +192,14 @@ def _compare(args, setup: dict, methods: list[str], solve_kw: dict) -> int:
                 s = report.summary()
                 gap = "; ".join(f"{k} {s[k]['gap']:.1%}" for k in STAGES if k in s)
             solve_s = time.perf_counter() - t0
-            row = evaluate(placement, heldout, system, setup["model"], heldout_problem, seed=args.seed)
+            row = evaluate(placement, heldout, system, setup["model"], heldout_problem, seed=args.seed, cost=cost)
             row.update(placement=name, solve_s=solve_s, gap=gap)
             rows.append(row)
             placements[name] = placement
             update(i + 1)
     print(f"held-out replay: {context['trace']} on {context['system']}; fit on {setup['fraction']:.0%} of tokens, "
           f"{problem.slots_per_device} slots/GPU, {args.replicas} replicas")
+    print(f"  cost model: {context['cost model']}")
     print(format_table(rows))
     report_path = _report_path(args)
     write_placement_report(report_path, rows, context)

@@ -44,11 +44,12 @@ def affinity_crossings(problem: PlacementProblem, placement: Placement) -> tuple
 
 
 def evaluate(placement: Placement, trace, system, model, heldout_problem: PlacementProblem | None = None, *,
-             options: SimOptions = SimOptions(), seed: int = 0,
+             options: SimOptions = SimOptions(), seed: int = 0, cost=None,
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Replay ``trace`` (the held-out part, tokens renumbered per step by ``Trace.renumber_tokens``) with
-    ``placement``; returns the metrics above as a dict."""
-    res = simulate(system, model, placement, trace.renumber_tokens(), options=options, seed=seed, progress=progress)
+    ``placement`` under ``cost`` (None: the simulator's roofline); returns the metrics above as a dict."""
+    res = simulate(system, model, placement, trace.renumber_tokens(), cost=cost, options=options, seed=seed,
+                   progress=progress)
     kinds = res.link_bytes.groupby("kind")["bytes"].sum().to_dict() if len(res.link_bytes) else {}
     up_kind = system.scale_up.kind
     out_kind = system.scale_out.kind if system.scale_out is not None else None

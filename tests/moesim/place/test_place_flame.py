@@ -84,3 +84,24 @@ def test_cli_compare_prints_one_table_and_writes_html(tmp_path, capsys):
 def test_cli_bad_input(argv, message, tmp_path, capsys):
     assert main(["place", "--out", str(tmp_path / "x.json"), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_compare_replays_with_the_simulators_cost_model(tmp_path, capsys):
+    """--compare replays held-out tokens with the same cost model as `moesim simulate` (default: GPU-fitted on
+    dgx-h100), and --cost roofline gives the datasheet replay; the cost model is printed and recorded."""
+    times = {}
+    for cost in ("default", "roofline"):
+        out = tmp_path / f"{cost}.json"
+        assert main(["place", "--compare", "--methods", "contiguous", "--cost", cost, "--out", str(out)]) == 0
+        text = capsys.readouterr().out
+        doc = json.loads((tmp_path / f"{cost}-compare.json").read_text())
+        assert doc["context"]["cost model"].split(":")[0].split(" ")[0] in text
+        times[cost] = doc["rows"][0]["layer_time_s"]
+        assert doc["context"]["cost model"].startswith("gpu-fitted" if cost == "default" else "roofline")
+    assert times["default"] > times["roofline"]  # the fitted GPU model is slower than the datasheet
+
+
+def test_cli_compare_bad_cost_is_one_line(tmp_path, capsys):
+    assert main(["place", "--compare", "--methods", "contiguous", "--cost", "nonsense",
+                 "--out", str(tmp_path / "x.json")]) == 2
+    assert "cost model" in capsys.readouterr().err
