@@ -56,7 +56,7 @@ CASES = [
     Case("DeepSeek-V3 pre-training, 2048 H800", "deepseek-v3", "hgx-h800", 256,
          dict(tp=1, pp=16, dp=128, ep=64, zero=1),
          dict(seq_len=4096, micro_batch_size=1, global_batch_size=15360, schedule="dualpipe", recompute="selective",
-              dtype="fp8"),
+              dtype="fp8", fp8_recipe="blockwise"),
          "tokens_per_s_per_device", TRILLION_TOKENS / (180e3 * HOUR_S),
          f"{DS_V3}, sec. 1: 180K H800 GPU hours per trillion tokens (= 1,543 tokens/s per GPU, wall clock incl. "
          "everything); sec. 3.2: PP16, EP64 over 8 nodes, ZeRO-1, DualPipe, 20 SMs for communication; sec. 4.2: "
@@ -93,21 +93,22 @@ CASES = [
     Case("Llama 3 70B, 64 H100, FP8", "llama-3.1-70b", "dgx-h100", 8,
          dict(tp=4, pp=8, dp=2, zero=1, virtual_stages=5),
          dict(seq_len=8192, micro_batch_size=1, global_batch_size=128, schedule="interleaved", recompute="none",
-              dtype="fp8"),
+              dtype="fp8", fp8_recipe="tensorwise"),
          "tokens_per_s_per_device", 1602.0, f"{NEMO_H100}: LLAMA3_70B, 64 GPUs, FP8-CS, GBS 128, MBS 1, seq 8192, "
          "TP4 PP8 VP5, DDP: 1,602 tokens/s/GPU (719 model TFLOP/s/GPU)",
          "recomputation (none), ZeRO stage (1, distributed optimizer), stage layout (even); the Llama 3.1 config "
          "stands in for Llama 3 (same shapes)", fit_as="h100-vidur"),
     Case("Llama 3 8B, 8 H100, FP8, FSDP", "llama-3.1-8b", "dgx-h100", 1,
          dict(tp=1, pp=1, dp=8, zero=3),
-         dict(seq_len=8192, micro_batch_size=1, global_batch_size=128, recompute="none", dtype="fp8"),
+         dict(seq_len=8192, micro_batch_size=1, global_batch_size=128, recompute="none", dtype="fp8",
+              fp8_recipe="tensorwise"),
          "tokens_per_s_per_device", 14451.0, f"{NEMO_H100}: LLAMA3_8B, 8 GPUs, FP8-CS, GBS 128, MBS 1, seq 8192, "
          "FSDP: 14,451 tokens/s/GPU (744 model TFLOP/s/GPU)",
          "recomputation (none); the Llama 3.1 config stands in for Llama 3 (same shapes)", fit_as="h100-vidur"),
     Case("Qwen3-30B-A3B, 16 H100, FP8", "qwen3-30b-a3b", "dgx-h100", 2,
          dict(tp=1, pp=2, dp=8, ep=8, zero=1, virtual_stages=24),
          dict(seq_len=4096, micro_batch_size=2, global_batch_size=512, schedule="interleaved", recompute="none",
-              dtype="fp8"),
+              dtype="fp8", fp8_recipe="tensorwise"),
          "tokens_per_s_per_device", 5275.0, f"{NEMO_H100}: Qwen3_30B_a3B, 16 GPUs, FP8-CS, GBS 512, MBS 2, seq 4096, "
          "PP2 VP24 EP8: 5,275 tokens/s/GPU (121 model TFLOP/s/GPU)",
          "recomputation (none), ZeRO stage (1)", fit_as="h100-vidur"),
@@ -187,6 +188,26 @@ def sensitivity() -> list[dict]:
     return rows
 
 
+#: the terms of moesim.train.fp8 (FP8 casts) and moesim.train.host (host overhead), each switched off alone
+TERMS = {"fp8_casts": {"fp8_recipe": "none"}, "host": {"host_overhead": "none"}}
+
+
+def term_effects() -> list[dict]:
+    """Per case (default cost model): the prediction with every term, with each term of :data:`TERMS` off, and the
+    points of error each term adds ((with - without) / published x 100), all computed in the same tree."""
+    rows = []
+    for case in CASES:
+        full, _ = predict(case, "default")
+        row = {"case": case.name, "metric": case.metric, "published": case.published, "predicted": full,
+               "err_pct": (full - case.published) / case.published * 100}
+        for term, off in TERMS.items():
+            value, _ = predict(dataclasses.replace(case, spec={**case.spec, **off}), "default")
+            row[f"without_{term}"] = value
+            row[f"{term}_pts"] = (full - value) / case.published * 100
+        rows.append(row)
+    return rows
+
+
 def validate() -> list[dict]:
     rows = []
     for case in CASES:
@@ -261,6 +282,10 @@ def main(argv: list[str] | None = None) -> Path:
         lines += ["How the predictions move with unpublished settings (one change each, default cost model; memory "
                   "is not enforced here, `fits_80GB` says whether the variant fits):", ""]
         lines += md_table(sensitivity(), "{:,.4g}").split("\n") + [""]
+        lines += ["What the FP8 quantization kernels (`fp8_casts`: the case's `fp8_recipe` against `none`, "
+                  "moesim/train/fp8.py) and the host launch time after each MoE dispatch sync (`host`: `eager` against "
+                  "`none`, moesim/train/host.py; whether the runs used CUDA graphs is unpublished, `eager`, Megatron's "
+                  "default, is assumed) add, each switched off alone (default cost model; `_pts`: points of error):", ""] + md_table(term_effects(), "{:,.4g}").split("\n") + [""]
     kept_val, kept_speed = _kept_sections()  # a run of one part keeps the other part of the last results file
     if not do_val:
         lines += kept_val

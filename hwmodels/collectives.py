@@ -56,6 +56,11 @@ COMM_KERNEL_SMS = {
     "deepep-v2-ep8x4": (6, "deepseek-ai/DeepEP README @0297fc80, performance table: SM90 CX7 EP 8 x 4, #SMs 6"),
     "deepep-low-latency": (0, "deepseek-ai/DeepEP docs/legacy.md: the receive hook lets RDMA traffic run 'without "
                            "costing any GPU SMs from the computation part'"),
+    "nccl-ring": (32, "NCCL (github.com/NVIDIA/nccl) src/include/devcomm.h: MAXCHANNELS 32, the most channels a "
+                  "collective runs on; one CTA (SM) per channel (NCCL user guide, Environment Variables, "
+                  "NCCL_MAX_NCHANNELS / NCCL_MAX_CTAS: fewer channels, fewer CUDA blocks taken from compute)"),
+    "te-userbuffers": (16, "github.com/NVIDIA/TransformerEngine transformer_engine/pytorch/module/base.py @0004dbd0, "
+                       "initialize_ub: add_ub(num_sm=16) for the ring-exchange, pipeline and bulk TP overlaps"),
 }
 """kernel family -> (SMs it holds while overlapping compute, source)."""
 

@@ -22,6 +22,12 @@ evenly over E'/E new experts; E' < E: neighbouring experts are merged), layers b
 reuse that layer's affinity lift to the next), locality keeps its lift over
 random (locality / (k/E)), gate weights follow the fitted mean weight per rank (interpolated for k').
 
+Group-limited routing (DeepSeek-V2/V3's ``n_group`` / ``topk_group``; :func:`generate`'s arguments of those names):
+the experts are ``n_group`` groups of consecutive ids and each token takes its k experts from the ``topk_group``
+groups with the highest best score (:func:`group_limited_top_k`); calibration runs with the same limit, so its
+corrections make up for the loads the limit moves. :func:`check_group_limit` is the one check of such a limit
+(the training step's balanced routing uses it too).
+
 Baselines :func:`uniform_trace` and :func:`zipf_trace` (the usual assumptions of other simulators) are
 named in ``BASELINES``; :func:`compare` measures any trace against a real one (load TVD, affinity TVD,
 locality) so that the fitted generator can be checked against them on the same metrics.
@@ -160,14 +166,61 @@ def _reshape(model: SynthModel, e: int, k: int, n_l: int) -> tuple[np.ndarray, n
     return load, trans, loc, wprof
 
 
+# ---------------------------------------------------------------- group-limited routing
+
+def check_group_limit(num_experts: int, top_k: int, n_group: int, topk_group: int) -> int:
+    """Size of each expert group of DeepSeek-style group-limited routing (``n_group`` groups of consecutive expert
+    ids, each token's experts in at most ``topk_group`` of them); ValueError naming the fields when ``n_group`` does
+    not divide the experts, ``topk_group`` is outside 1..n_group or ``topk_group`` groups hold fewer than top-k
+    experts. The one place the training step's balanced and synthetic routings check the limit."""
+    if n_group < 1 or num_experts % n_group or not 1 <= topk_group <= n_group:
+        raise ValueError(f"n_group {n_group} must divide the {num_experts} experts and be >= topk_group "
+                         f"{topk_group} >= 1")
+    size = num_experts // n_group
+    if topk_group * size < top_k:
+        raise ValueError(f"top-{top_k} over at most topk_group {topk_group} groups of {size} experts: fewer than "
+                         f"{top_k} distinct experts")
+    return size
+
+
+def expert_groups(experts: np.ndarray, num_experts: int, n_group: int) -> np.ndarray:
+    """Group of each expert id (``n_group`` groups of consecutive ids), same shape as ``experts``."""
+    return np.asarray(experts) // (num_experts // n_group)
+
+
+def groups_spanned(experts: np.ndarray, num_experts: int, n_group: int) -> np.ndarray:
+    """[tokens] how many distinct groups each token's experts (``experts`` [tokens, k]) lie in."""
+    g = np.sort(expert_groups(experts, num_experts, n_group), axis=1)
+    return 1 + (np.diff(g, axis=1) != 0).sum(axis=1)
+
+
+def group_limited_top_k(score: np.ndarray, k: int, n_group: int = 1, topk_group: int = 1) -> np.ndarray:
+    """[tokens, k] indices of the k highest ``score`` [tokens, experts] in rank order, among the ``topk_group``
+    groups whose best score is highest (DeepSeek-V2's ``group_limited_greedy`` gate: group score = its highest
+    expert score). On Gumbel-perturbed log-weights the group maxima are Gumbel with the groups' log total weight,
+    so the groups are drawn without replacement in proportion to their weight. ``n_group`` 1 (or ``topk_group`` =
+    ``n_group``): plain top-k."""
+    if n_group > 1 and topk_group < n_group:
+        n, e = score.shape
+        best = score.reshape(n, n_group, e // n_group).max(axis=2)  # [tokens, groups]
+        drop = np.argpartition(-best, topk_group - 1, axis=1)[:, topk_group:]  # groups outside the limit
+        masked = score.reshape(n, n_group, e // n_group).copy()
+        masked[np.arange(n)[:, None], drop] = -np.inf
+        score = masked.reshape(n, e)
+    part = np.argpartition(-score, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(score, part, axis=1), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
 # ---------------------------------------------------------------- sampling engine
 
 _GUMBEL_EPS = np.float32(1e-12)  # keeps log(0) out of the Gumbel noise when the RNG draws exactly 0
 
 
 def _run(logc: np.ndarray, logb: np.ndarray, trans: np.ndarray, k: int, n_seq: int, seq_len: int,
-         rng: np.random.Generator) -> np.ndarray:
-    """Sample experts [n_seq * seq_len, L, k] (rank order); tokens ordered sequence-major."""
+         rng: np.random.Generator, groups: tuple[int, int] = (1, 1)) -> np.ndarray:
+    """Sample experts [n_seq * seq_len, L, k] (rank order); tokens ordered sequence-major; ``groups``:
+    (n_group, topk_group) of group-limited routing (:func:`group_limited_top_k`)."""
     n_l, e = logc.shape
     logc = logc.astype(np.float32)
     trans = trans.astype(np.float32)
@@ -184,9 +237,7 @@ def _run(logc: np.ndarray, logb: np.ndarray, trans: np.ndarray, k: int, n_seq: i
             if p > 0 and logb[layer] != 0:
                 score[rows, out[:, p - 1, layer]] += logb[layer]
             score -= np.log(-np.log(rng.random((n_seq, e), dtype=np.float32) + _GUMBEL_EPS))  # Gumbel
-            part = np.argpartition(-score, k - 1, axis=1)[:, :k]
-            order = np.argsort(-np.take_along_axis(score, part, axis=1), axis=1)
-            sel = np.take_along_axis(part, order, axis=1)
+            sel = group_limited_top_k(score, k, *groups)
             out[:, p, layer] = sel
             prev_sel = sel
     return out.reshape(n_seq * seq_len, n_l, k)
@@ -224,11 +275,14 @@ class _Calibrated:
     trans: np.ndarray
     wprof: np.ndarray
     k: int
+    groups: tuple[int, int] = (1, 1)  # (n_group, topk_group) it was calibrated for
 
 
 def calibrate(model: SynthModel, num_experts: int, top_k: int, num_layers: int, *, seed: int = 0,
-              iterations: int = 10, tokens: int = 4096) -> _Calibrated:
-    """Fixed-point calibration of per-expert corrections and reuse boosts for one target shape."""
+              iterations: int = 10, tokens: int = 4096, n_group: int = 1, topk_group: int = 1) -> _Calibrated:
+    """Fixed-point calibration of per-expert corrections and reuse boosts for one target shape (and group limit:
+    the corrections then make up for the loads the limit moves)."""
+    check_group_limit(num_experts, top_k, n_group, topk_group)
     load, trans, loc, wprof = _reshape(model, num_experts, top_k, num_layers)
     rng = np.random.default_rng(seed)
     target = np.clip(load, _PROB_FLOOR, None)
@@ -240,7 +294,7 @@ def calibrate(model: SynthModel, num_experts: int, top_k: int, num_layers: int, 
         refine = it >= iterations - _REFINE_ITERATIONS
         n_tok = tokens * 2 if refine else tokens
         n_seq = max(1, n_tok // seq_len)
-        ids = _run(logc, logb, trans, top_k, n_seq, seq_len, rng)
+        ids = _run(logc, logb, trans, top_k, n_seq, seq_len, rng, (n_group, topk_group))
         got_load, got_loc = _measure(ids, num_experts, seq_len)
         step = _REFINE_STEP if refine else _STEP
         logc += step * (np.log(target) - np.log(np.clip(got_load, _PROB_FLOOR, None)))
@@ -249,16 +303,19 @@ def calibrate(model: SynthModel, num_experts: int, top_k: int, num_layers: int, 
         log_loc_error = np.log(np.clip(loc, _LOCALITY_FLOOR, None)) - np.log(np.clip(got_loc, _LOCALITY_FLOOR, None))
         logb = np.clip(logb + _BOOST_GAIN * step * log_loc_error, 0.0, _MAX_LOG_BOOST)
         logb = np.where(loc <= base, 0.0, logb)
-    return _Calibrated(logc=logc, logb=logb, trans=trans, wprof=wprof, k=top_k)
+    return _Calibrated(logc=logc, logb=logb, trans=trans, wprof=wprof, k=top_k, groups=(n_group, topk_group))
 
 
 def generate(model: SynthModel, num_tokens: int, *, num_experts: int | None = None, top_k: int | None = None,
              num_layers: int | None = None, num_steps: int = 1, seq_len: int | None = None, seed: int = 0,
-             model_name: str | None = None, calibration: _Calibrated | None = None) -> Trace:
+             model_name: str | None = None, calibration: _Calibrated | None = None, n_group: int = 1,
+             topk_group: int = 1) -> Trace:
     """Generate a trace of ``num_steps`` steps with ``num_tokens`` tokens each (default shape = fitted shape).
 
     Tokens of a step form sequences of ``seq_len`` (default the fitted one); the trace has ``sequence`` and
-    ``position`` columns and ``weight`` = fitted mean gate weight of each rank.
+    ``position`` columns and ``weight`` = fitted mean gate weight of each rank. ``n_group`` / ``topk_group``:
+    DeepSeek-style group-limited routing, each token's experts in at most ``topk_group`` of ``n_group`` groups of
+    consecutive expert ids (:func:`group_limited_top_k`; 1 and 1: no limit).
     """
     e = model.num_experts if num_experts is None else int(num_experts)
     k = model.top_k if top_k is None else int(top_k)
@@ -272,16 +329,21 @@ def generate(model: SynthModel, num_tokens: int, *, num_experts: int | None = No
     seq_len = int(seq_len or model.seq_len)
     if seq_len < 1:
         raise ValueError(f"generate: seq_len must be >= 1, got {seq_len}")
-    cal = calibration or calibrate(model, e, k, n_l, seed=seed + 1)
+    check_group_limit(e, k, n_group, topk_group)
+    cal = calibration or calibrate(model, e, k, n_l, seed=seed + 1, n_group=n_group, topk_group=topk_group)
+    if cal.groups != (n_group, topk_group):
+        raise ValueError(f"generate: the calibration is for (n_group, topk_group) {cal.groups}, not "
+                         f"{(n_group, topk_group)}")
     rng = np.random.default_rng(seed)
     total = num_tokens * num_steps
     n_seq = -(-total // seq_len)
-    ids = _run(cal.logc, cal.logb, cal.trans, k, n_seq, seq_len, rng)[:total]
+    ids = _run(cal.logc, cal.logb, cal.trans, k, n_seq, seq_len, rng, (n_group, topk_group))[:total]
     weights = np.broadcast_to(cal.wprof[None, :, :], ids.shape).astype(np.float32)
     g = np.arange(total)
     meta = TraceMeta(model=model_name or f"synth-{model.extra.get('fitted_model', 'fit')}", num_experts=e, top_k=k,
                      num_layers=n_l, source=model.source,
-                     extra={"generator": "workloads.synth.generate", "seed": seed, "seq_len": seq_len})
+                     extra={"generator": "workloads.synth.generate", "seed": seed, "seq_len": seq_len,
+                            **({"n_group": n_group, "topk_group": topk_group} if n_group > 1 else {})})
     return from_dense(ids, weights, meta, step=(g // num_tokens).astype(np.int32), token=g % num_tokens,
                       extra={"sequence": (g // seq_len).astype(np.int32), "position": (g % seq_len).astype(np.int32)})
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from moesim.cli._common import add_model_system_flags, float_in, int_in
 
 MAX_DEVICES = 1_000_000
+SYNTH_TOKENS = 16384  # rows --request-routing synthetic draws by default
 
 
 def register(sub) -> None:
@@ -40,9 +41,10 @@ def _add_workload_flags(p) -> None:
     p.add_argument("--lengths", default="azure-conv-2023", help="prompt/output length model for --rate")
     p.add_argument("--trace", default=None, help="route MoE layers by this routing trace (name or path, see "
                    "'moesim simulate'); default: balanced routing")
-    p.add_argument("--ep-mode", default=None, help="standard (dispatch + combine all-to-all per layer) | coherent "
-                   "(ExFlow's context-coherent EP: one all-to-all per layer, KV on every device of the EP group); "
-                   "with --placement, times the all-to-alls from --trace on that placement")
+    p.add_argument("--ep-mode", default=None, help="standard (dispatch + combine all-to-all per layer: the training "
+                   "engine's MoE phases, the same as --placement alone) | coherent (ExFlow's context-coherent EP: "
+                   "tokens stay where their expert ran, one all-to-all per layer, KV on every device of the EP "
+                   "group); replays --trace on --placement (default contiguous)")
     p.add_argument("--coherent-kv", default="replicated", help="coherent mode's KV: replicated (every device of the "
                    "EP group holds every request's KV, all-gathered per layer) | free (no copies: the mode's bound)")
     p.add_argument("--placement", default=None, help="expert placement method fitted on --trace (a 'moesim place' "
@@ -50,11 +52,18 @@ def _add_workload_flags(p) -> None:
     p.add_argument("--redundant-slots", type=int_in(0, 1_000_000), default=0,
                    help="redundant expert slots of --placement (EPLB-style replicas of hot experts over the EP group; "
                    "a choice goes to a copy local-first)")
-    p.add_argument("--request-routing", action="store_true", help="per-request routing from --trace: each request's "
-                   "tokens take consecutive trace rows from a seeded start, so expert loads follow the batch")
+    p.add_argument("--request-routing", nargs="?", const="trace", default=None, metavar="SOURCE",
+                   help="per-request routing: each request's tokens take consecutive rows of a routing trace from a "
+                   "seeded start, so expert loads follow the batch; SOURCE trace (--trace, the default) | synthetic "
+                   "(rows drawn from the routing generator fitted to --synth-from, as 'moesim train --routing "
+                   "synthetic'; placements are then fitted on them)")
+    p.add_argument("--synth-from", default="default", help="trace the routing generator of --request-routing "
+                   "synthetic is fitted to (name or path; default: the embedded FLAME-MoE trace)")
+    p.add_argument("--synth-tokens", type=int_in(1, 10_000_000), default=SYNTH_TOKENS,
+                   help="tokens (trace rows) generated for --request-routing synthetic")
     p.add_argument("--expert-cache-gb", type=float_in(0, 1e6, open_lo=True), default=None,
                    help="offloaded serving: HBM per device for routed experts (the rest in DDR/host memory, fetched "
-                   "on a miss); needs --trace and --ep 1")
+                   "on a miss); needs --trace; with --ep > 1 (and --tp 1) each GPU caches its own experts")
 
 
 def _add_scheduler_flags(p) -> None:
@@ -74,6 +83,11 @@ def _add_scheduler_flags(p) -> None:
                    "(copy the KV to host memory and back over the host link)")
     p.add_argument("--swap-space-gib", type=float_in(0, 1e6, open_lo=True), default=4.0,
                    help="host memory per device for swapped KV (vLLM's swap_space default: 4 GiB)")
+    p.add_argument("--kv-offload", default="none", help="none | spill (when HBM KV is full, the least recently used "
+                   "running requests' KV blocks move to the tier behind HBM: DDR where the device has it, else host "
+                   "memory; iterations read spilled KV over that link, overlapping compute)")
+    p.add_argument("--kv-spill-gib", type=float_in(0, 1e9, open_lo=True), default=None,
+                   help="at most this much KV per device in the spill tier (default: the tier's share per device)")
     p.add_argument("--memory-fraction", type=float_in(0, 1, open_lo=True), default=0.9,
                    help="part of HBM for weights and KV cache (vLLM's gpu_memory_utilization)")
     p.add_argument("--slo-ttft-s", type=float_in(0, None, open_lo=True), default=2.0, help="TTFT SLO for goodput")
@@ -158,7 +172,7 @@ def _replicas(args, system, cfg, sched, trace):
     from moesim.serve.kv import KVBlocks
 
     routing = None
-    if args.request_routing:
+    if args.request_routing is not None:
         if trace is None:
             raise ServeError("--request-routing needs --trace (the rows requests draw their routing from)")
         from moesim.serve.routing import RequestRouting
@@ -172,20 +186,26 @@ def _replicas(args, system, cfg, sched, trace):
             raise ServeError(f"--tp {args.tp} must divide the {devices} devices of the {role} pool")
         dp = args.dp if args.dp is not None and args.disaggregate is None else devices // args.tp
         layout = ServeLayout(tp=args.tp, ep=args.ep, dp=dp)
+        placed = _placed(args, cfg, pool, trace)
         ic = IterationCost(cfg, pool, layout, _cost(args, pool.device), dtype=args.dtype,
                            memory_fraction=args.memory_fraction, trace=trace, two_batch_overlap=args.two_batch_overlap,
-                           **_placed(args, cfg, pool, trace), expert_cache=_expert_cache(args, cfg, pool, trace),
+                           **placed, expert_cache=_expert_cache(args, cfg, pool, trace, placed.get("placement")),
                            request_routing=routing)
         host = None
         if sched.preemption == "swap":
             blocks = ic.host_kv_capacity_blocks(sched.block_size, args.swap_space_gib * GiB)
             host = KVBlocks(blocks, sched.block_size) if blocks > 0 else None
+        spill = None
+        if sched.kv_offload == "spill":
+            from moesim.serve.kv import spill_tier
+            limit = args.kv_spill_gib * GiB if args.kv_spill_gib is not None else None
+            spill = spill_tier(pool, ic.kv_bytes_per_token, sched.block_size, limit)
         out.append(Replica(role, ic, KVBlocks(ic.kv_capacity_blocks(sched.block_size), sched.block_size), role=role,
-                           host=host, ranks=dp))
+                           host=host, ranks=dp, spill=spill))
     return out
 
 
-def _expert_cache(args, cfg, pool, trace):
+def _expert_cache(args, cfg, pool, trace, placement=None):
     """The HBM expert cache of ``--expert-cache-gb`` (None without it)."""
     if args.expert_cache_gb is None:
         return None
@@ -194,7 +214,8 @@ def _expert_cache(args, cfg, pool, trace):
     from moesim.serve.offload import build
 
     try:
-        return build(cfg, pool, trace, args.expert_cache_gb * GB, args.cache_policy, args.tp, args.ep, args.dtype)
+        return build(cfg, pool, trace, args.expert_cache_gb * GB, args.cache_policy, args.tp, args.ep, args.dtype,
+                     placement)
     except ValueError as exc:
         raise ServeError(str(exc)) from None
 
@@ -219,20 +240,23 @@ def _placed(args, cfg, pool, trace) -> dict:
         raise ServeError(f"--trace has {trace.meta.num_experts} experts per layer, --model {cfg.num_experts}")
     per_node = min(pool.devices_per_node, args.ep)
     try:
-        placement = exflow.place(trace, args.placement or "contiguous", args.ep, per_node, seed=args.seed,
+        placement_name = args.placement or "contiguous"
+        placement = exflow.place(trace, placement_name, args.ep, per_node, seed=args.seed,
                                  num_replicas=args.redundant_slots)
     except ValueError as exc:
         raise ServeError(f"--placement {args.placement} --redundant-slots {args.redundant_slots}: {exc}") from None
+    if mode == "standard":  # the training engine's MoE phases on the placement (--ep-mode standard is the same)
+        return {"placement": placement}
     from hwmodels.roofline import DTYPE_BYTES
     from moesim.serve.cost import kv_elements_per_token_layer
-    if args.ep_mode is None:  # placement only: the training engine's MoE phases on it
-        return {"placement": placement}
-    kv = kv_elements_per_token_layer(cfg, args.tp) * DTYPE_BYTES[args.dtype]
     if args.coherent_kv not in ("replicated", "free"):
         raise ServeError(f"--coherent-kv must be replicated or free, got {args.coherent_kv!r}")
-    comm = exflow.ep_comm(cfg, pool, args.ep, trace, placement, mode, args.dtype, kv_bytes_per_token_layer=kv,
-                          replicate_kv=args.coherent_kv == "replicated")
-    return {"placement": placement, "ep_comm": comm}
+    try:
+        exflow.expert_device(placement)
+    except ValueError as exc:
+        raise ServeError(f"--ep-mode coherent --placement {placement_name}: {exc}") from None
+    kv = kv_elements_per_token_layer(cfg, args.tp) * DTYPE_BYTES[args.dtype]
+    return {"placement": placement, "ep_mode": exflow.EPMode(mode, kv, replicate_kv=args.coherent_kv == "replicated")}
 
 
 def run(args) -> int:
@@ -250,12 +274,10 @@ def run(args) -> int:
         check_writable(args.json, flag="--json")
     cfg = load_model_config(args.model, "moesim serve")
     system = load_system_nodes(args.system, args.nodes)
-    trace = None
-    if args.trace:
-        from workloads.importers import load_trace
-        trace = load_trace(args.trace)
+    trace = _routing_trace(args, cfg)
     sched = SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs, args.block_size,
-                            chunked_prefill=not args.no_chunked_prefill, preemption=args.preemption)
+                            chunked_prefill=not args.no_chunked_prefill, preemption=args.preemption,
+                            kv_offload=args.kv_offload)
     replicas = _replicas(args, system, cfg, sched, trace)
     req = _requests(args)
     transfer = None
@@ -281,6 +303,28 @@ def run(args) -> int:
     return 0
 
 
+def _routing_trace(args, cfg):
+    """The routing trace of the run: --trace, rows drawn from the generator fitted to --synth-from
+    (--request-routing synthetic), or None (balanced routing)."""
+    from moesim.serve.cost import ServeError
+    from workloads.importers import load_trace
+
+    if args.request_routing not in (None, "trace", "synthetic"):
+        raise ServeError(f"--request-routing must be trace or synthetic, got {args.request_routing!r}")
+    if args.request_routing != "synthetic":
+        if args.synth_from != "default" or args.synth_tokens != SYNTH_TOKENS:
+            raise ServeError("--synth-from/--synth-tokens apply to --request-routing synthetic")
+        return load_trace(args.trace) if args.trace else None
+    if args.trace:
+        raise ServeError("--request-routing synthetic draws its rows from the generator fitted to --synth-from; "
+                         "drop --trace (or use --request-routing trace)")
+    from moesim.serve.routing import synthetic_rows_trace
+    try:
+        return synthetic_rows_trace(cfg, load_trace(args.synth_from), args.synth_tokens, seed=args.seed)
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
+
+
 def serve_metrics(flags: list[str]) -> dict:
     """metrics.json of ``moesim serve FLAGS`` run without the report in a temporary directory (for studies);
     SystemExit naming the command when it fails."""
@@ -300,11 +344,13 @@ def _config(args, cfg, system, req, replicas, sched, wall_s) -> dict:
             "num_devices": system.num_devices, "requests_source": req.source, "seed": args.seed,
             "scheduler": {"max_num_batched_tokens": sched.max_num_batched_tokens, "max_num_seqs": sched.max_num_seqs,
                           "block_size": sched.block_size, "chunked_prefill": sched.chunked_prefill,
-                          "preemption": sched.preemption},
+                          "preemption": sched.preemption, "kv_offload": sched.kv_offload},
             "pools": {r.name: r.cost.describe() for r in replicas}, "disaggregate": args.disaggregate,
-            "routing": "trace" if args.trace else "balanced", "trace": args.trace, "ep_mode": args.ep_mode,
+            "routing": "synthetic" if args.request_routing == "synthetic" else "trace" if args.trace else "balanced",
+            "trace": args.trace, "ep_mode": args.ep_mode,
             "placement": args.placement, "redundant_slots": args.redundant_slots,
             "request_routing": args.request_routing, "expert_cache_gb": args.expert_cache_gb,
+            "synth_from": args.synth_from if args.request_routing == "synthetic" else None,
             "cache_policy": args.cache_policy if args.expert_cache_gb is not None else None, "wall_s": wall_s}
 
 

@@ -14,8 +14,12 @@ def register(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_system_flags(p)
     for flag, helptext in (("--tp", "tensor parallel size"), ("--pp", "pipeline parallel size"),
-                           ("--dp", "data parallel size (default: devices / (tp x pp))"),
-                           ("--ep", "expert parallel size (divides tp x dp)")):
+                           ("--dp", "data parallel size (default: devices / (tp x cp x pp))"),
+                           ("--ep", "expert parallel size (ep x etp divides tp x cp x dp)"),
+                           ("--cp", "context parallel size: each sequence split over cp ranks, ring attention "
+                            "(seq-len a multiple of 2 x cp)"),
+                           ("--etp", "expert tensor parallel size: each expert's FFN split over etp ranks (Megatron's "
+                            "--expert-tensor-parallel-size; here 1 unless set)")):
         p.add_argument(flag, type=int_in(1, 1_000_000), default=None if flag == "--dp" else 1, help=helptext)
     p.add_argument("--zero", type=int_in(0, 3), default=1, help="ZeRO stage 0-3 of the data-parallel ranks")
     p.add_argument("--seq-len", type=int_in(1, 10_000_000), default=4096, help="tokens per sequence")
@@ -43,15 +47,9 @@ def register(sub) -> None:
                    "devices and the replayed trace layers (e.g. with EPLB-style replicas); default contiguous")
     p.add_argument("--expert-mode", default="ep", help="ep (expert parallel over --ep devices) | fssdp (Hecate's fully "
                    "sharded sparse data parallel over the same devices: experts gathered per step by the routing)")
-    p.add_argument("--dispatch-dedup", default="auto", help="copies the MoE all-to-all sends per token: auto (by "
-                   "the comm kernel: node for DeepEP-like kernels, the default), none (one per (token, expert)), gpu "
-                   "(one per (token, destination GPU)), node (one per destination node over scale-out, forwarded "
-                   "per GPU inside it)")
-    p.add_argument("--fssdp-plan", default="oracle", help="loads FSSDP places experts by: oracle (all the step's "
-                   "routing samples) | first-sample (the first only; the others are unseen)")
-    p.add_argument("--offload", default="none", help="none | optimizer (Adam states in host memory / DDR; the "
-                   "gradient and weight transfers and the update there go on the step) | weights (also the weights, "
-                   "streamed per layer)")
+    _add_overhead_flags(p)
+    _add_moe_flags(p)
+    _add_overlap_flags(p)
     p.add_argument("--layers", type=int_in(1, 100000), default=None,
                    help="simulate only the first K transformer layers")
     p.add_argument("--cost", default="default",
@@ -68,21 +66,60 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_moe_flags(p) -> None:
+    """How the MoE layers move tokens and experts (dispatch copies, FSSDP plan) and what is offloaded."""
+    p.add_argument("--dispatch-dedup", default="auto", help="copies the MoE all-to-all sends per token: auto (by "
+                   "the comm kernel: node for DeepEP-like kernels, the default), none (one per (token, expert)), gpu "
+                   "(one per (token, destination GPU)), node (one per destination node over scale-out, forwarded "
+                   "per GPU inside it)")
+    p.add_argument("--fssdp-plan", default="oracle", help="loads FSSDP places experts by: oracle (all the step's "
+                   "routing samples) | first-sample (the first only; the others are unseen)")
+    p.add_argument("--offload", default="none", help="none | optimizer (Adam states in host memory / DDR; the "
+                   "gradient and weight transfers and the update there go on the step) | weights (also the weights, "
+                   "streamed per layer)")
+
+
+def _add_overlap_flags(p) -> None:
+    """Communication overlapped with compute (moesim.train.overlap)."""
+    for flag, helptext in (("--overlap-grad-reduce", "reduce gradients in buckets during the last micro-batch's "
+                            "backward (Megatron's --overlap-grad-reduce; off by default, as in Megatron)"),
+                           ("--overlap-param-gather", "ZeRO 1/2: all-gather the updated weights during the next "
+                            "step's forward (Megatron's --overlap-param-gather; off by default)"),
+                           ("--tp-comm-overlap", "overlap the sequence-parallel all-gather / reduce-scatter with "
+                            "the adjacent GEMMs (Transformer Engine userbuffers, Megatron's --tp-comm-overlap; "
+                            "off by default)")):
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=False, help=helptext)
+
+
+def _add_overhead_flags(p) -> None:
+    """The FP8 cast kernels and host overhead of the step (moesim.train.fp8, moesim.train.host)."""
+    p.add_argument("--fp8-recipe", default="delayed", help="FP8 quantization kernels of --dtype fp8 (Megatron's "
+                   "--fp8-recipe): delayed | tensorwise (current scaling) | blockwise (DeepSeek-V3's 1x128 / 128x128) | "
+                   "none (not modelled)")
+    p.add_argument("--host-overhead", default="eager", help="host launch time the GPU waits for after each MoE "
+                   "dispatch's host sync: eager (every kernel launched, Megatron's default) | cuda-graphs (attention "
+                   "side and router as graphs, experts eager) | none")
+
+
 def _spec(args, num_devices: int):
     from moesim.train.spec import Parallel, TrainError, TrainSpec
 
-    dp = args.dp if args.dp is not None else num_devices // max(args.tp * args.pp, 1)
+    model_parallel = args.tp * args.cp * args.pp
+    dp = args.dp if args.dp is not None else num_devices // model_parallel
     if dp < 1:
-        raise TrainError(f"tp x pp = {args.tp * args.pp} exceeds the {num_devices} devices")
+        raise TrainError(f"--tp x --cp x --pp = {model_parallel} exceeds the {num_devices} devices")
     v = args.virtual_stages if args.virtual_stages is not None else (2 if args.schedule == "interleaved" else 1)
     par = Parallel(tp=args.tp, pp=args.pp, dp=dp, ep=args.ep, zero=args.zero, virtual_stages=v,
-                   first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers)
+                   first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers,
+                   cp=args.cp, etp=args.etp)
     gbs = args.global_batch_size if args.global_batch_size is not None else 8 * args.micro_batch_size * dp
     return TrainSpec(parallel=par, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size, global_batch_size=gbs,
                      schedule=args.schedule, recompute=args.recompute, dtype=args.dtype,
                      routing=_routing(args), routing_samples=args.routing_samples,
                      expert_mode=args.expert_mode, offload=args.offload, fssdp_plan=args.fssdp_plan,
-                     dispatch_dedup=args.dispatch_dedup)
+                     dispatch_dedup=args.dispatch_dedup, overlap_grad_reduce=args.overlap_grad_reduce,
+                     overlap_param_gather=args.overlap_param_gather, tp_comm_overlap=args.tp_comm_overlap,
+                     fp8_recipe=args.fp8_recipe, host_overhead=args.host_overhead)
 
 
 def _routing(args) -> str:
@@ -212,13 +249,15 @@ def _print_summary(r, out: Path) -> None:
     from moebase.units import GB
 
     m, b = r.meta, r.breakdown
+    extra = "".join(f" {k} {m[k]}" for k in ("cp", "etp") if m.get(k, 1) > 1)  # shown when used
     print(f"{m['model']} on {m['system']} ({m['num_devices']} x {m['device']}), tp {m['tp']} pp {m['pp']} dp {m['dp']} "
-          f"ep {m['ep']} zero {m['zero']}, {m['schedule']}, recompute {m['recompute']}, cost {m['cost_model']}")
+          f"ep {m['ep']}{extra} zero {m['zero']}, {m['schedule']}, recompute {m['recompute']}, cost {m['cost_model']}")
     print(f"  {m['collectives']}")
     print(f"  step {r.step_time_s:.3f} s: pipeline {b['pipeline_s']:.3f} s (bubble {b['bubble_fraction'] * 100:.1f} %), "
           f"grad sync {b['grad_sync_s']:.3f} s, optimizer {b['optimizer_s']:.3f} s"
           + (f", FSSDP gather/scatter {b['fssdp_comm_s']:.3f} s ({b['fssdp_bytes_per_step'] / GB:.1f} GB per expert "
-             "group)" if m.get("expert_mode") == "fssdp" else ""))
+             "group)" if m.get("expert_mode") == "fssdp" else "")
+          + (f", FP8 weight casts {b['fp8_weight_cast_s']:.3f} s" if b.get("fp8_weight_cast_s") else ""))
     print(f"  {r.tokens_per_s:,.0f} tokens/s, {r.tokens_per_s_per_device:,.0f} tokens/s per device, MFU {r.mfu * 100:.1f} %")
     mem = r.memory_bytes
     cats = ", ".join(f"{k} {v / GB:.1f}" + ("" if tier == "hbm" else f" in {tier}")

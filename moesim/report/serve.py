@@ -3,7 +3,9 @@
 Read from the run directory only (``metrics.json``, ``requests.csv``, ``iterations.csv``), so a report can be
 rebuilt later: latency CDFs (TTFT, TPOT, end to end), throughput over time, KV memory per tier over time,
 where the iterations' time goes, the expert cache (offloaded serving), and the configuration. Every user string (model, system, device, trace and
-file names, table cells) is escaped; figures carry no user strings (replica roles are fixed words).
+file names, table cells) is escaped; figures carry no user strings (replica roles are fixed words) but the spill
+tier's name, escaped. With `--kv-offload spill` the KV figure shows the KV spilled to the tier behind HBM and a table
+the bytes moved per tier path.
 The page records JavaScript errors and a render status (tests/moesim/report/test_browser_serve_report.py).
 """
 
@@ -35,6 +37,7 @@ PART_DEFS = {
     "combine": "the all-to-all bringing expert outputs back",
     "LM head": "final norm and LM head of the sequences that sample a token",
     "KV swap": "KV copied between HBM and host memory for swapped preemptions",
+    "KV spill wait": "time an iteration waited beyond its compute for KV moved to or read from the spill tier",
     "expert fetch stall": "time waiting for routed-expert weights fetched into HBM on cache misses",
     "hidden by two-batch overlap": "(negative) time the two micro-batches' overlap saves",
 }
@@ -123,7 +126,8 @@ def kv_bytes_per_block(metrics: dict, replica: str) -> float:
 
 
 def _memory_figure(metrics: dict, it: dict) -> go.Figure:
-    """Per replica: KV in HBM, its capacity, and KV swapped to host memory (GB over all devices) against time."""
+    """Per replica: KV in HBM, its capacity, KV swapped to host memory and live KV spilled to the tier behind HBM
+    (``--kv-offload spill``; GB over all devices) against time."""
     fig = go.Figure()
     for name, kv in metrics["kv"].items():
         rows = np.flatnonzero(it["replica"] == name)[_thin(int(np.sum(it["replica"] == name)))]
@@ -135,6 +139,9 @@ def _memory_figure(metrics: dict, it: dict) -> go.Figure:
                         line_dash="dash", name=f"{role}: HBM KV capacity")
         host = it["kv_host_used_blocks"][rows] if "kv_host_used_blocks" in it else np.zeros(len(t))
         fig.add_scatter(x=t, y=host * per_block, mode="lines", name=f"{role}: KV in host memory (swapped)")
+        if "spill_tier" in kv and "kv_spill_used_blocks" in it:  # --kv-offload spill: live KV in the lower tier
+            fig.add_scatter(x=t, y=it["kv_spill_used_blocks"][rows] * per_block, mode="lines",
+                            name=f"{role}: KV spilled to {esc(str(kv['spill_tier']))}")
     fig.update_layout(xaxis_title="simulated time (s)", yaxis_title="GB (all devices of the pool)", height=380)
     return fig
 
@@ -212,6 +219,19 @@ def _cache_table(caches: dict) -> str:
         "stall (s)": "time iterations waited for fetched expert weights over the run (one rank)"})
 
 
+def _spill_table(kvs: dict) -> str:
+    rows = [{"pool": name, "spill tier": o["spill_tier"], "spilled tokens": o["spilled_tokens"],
+             "read tokens": o["read_tokens"], "wait (s)": o["wait_s"],
+             "peak % of spill tier": 100 * kv["spill_peak_fraction"],
+             **{f"{path} (GB)": v / GB for path, v in o["bytes_by_path_per_device"].items()}}
+            for name, kv in kvs.items() if (o := kv.get("offload"))]
+    return table_html(rows) + definitions_html({
+        "spilled tokens": "KV tokens moved out of HBM when it was full (all ranks)",
+        "read tokens": "spilled KV tokens read back over the link by the iterations attending over them (all ranks)",
+        "wait (s)": "time the iterations waited beyond their compute for those transfers",
+        "GB": "bytes per tier path, mean per device"})
+
+
 def write_serve_report(run_dir: str | Path, path: str | Path | None = None) -> Path:
     """Write the report of the serve run in ``run_dir`` to ``path`` (default RUN_DIR/report.html)."""
     m, req, it = load_run(run_dir)
@@ -225,6 +245,8 @@ def write_serve_report(run_dir: str | Path, path: str | Path | None = None) -> P
                  ("KV memory per tier over time", _memory_figure(m, it))]
     if rows:
         sections.append(("Where the iterations' time goes", _breakdown_figure(rows)))
+    if any("offload" in kv for kv in m["kv"].values()):
+        sections.append(("Live KV spill (--kv-offload spill)", _spill_table(m["kv"])))
     if m.get("expert_cache"):
         sections.append(("Expert cache (routed experts in HBM, per device)", _cache_table(m["expert_cache"])))
     sections += [("Where the iterations' time goes (table)", _breakdown_html(m, rows)),

@@ -38,10 +38,12 @@ device's HBM x ``memory_fraction`` (vLLM's ``gpu_memory_utilization`` default 0.
 activation reserve, over the KV bytes per token. Swapped-out KV (preemption ``swap``) goes to host
 memory over each device's host link (``swap_s``), before the iteration's compute.
 
-``ep_comm`` (:class:`moesim.serve.exflow.EPComm`): the dispatch and combine of every MoE layer are instead the
-all-to-alls of a routing trace on an expert placement, standard (two per layer) or ExFlow's context-coherent
-mode (one per layer, plus the top-k reduce and the KV all-gather; each device then holds the KV of every rank
-of its EP group, ``kv_replicas``). Expert compute stays the training engine's (balanced or trace routing).
+``placement`` and ``ep_mode`` (:class:`moesim.serve.exflow.EPMode`): the trace's routing replayed on an expert
+placement by the training engine's MoE phases (:func:`moesim.serve.exflow.ep_moe_times`), in standard expert
+parallelism (a dispatch and a combine per layer: those phases unchanged; ``ep_mode`` None is the same) or ExFlow's
+context-coherent mode (tokens stay where their expert ran: the dispatch starts there and the outputs are summed on
+the primary expert's device, plus the KV all-gather; each device then holds the KV of every rank of its EP group,
+``kv_replicas``).
 
 ``expert_cache`` (:class:`moesim.serve.offload.ExpertCache`): offloaded serving; HBM holds the dense weights and
 the cache's routed experts (``weight_bytes_per_device``), and each iteration adds the time it waits for
@@ -49,8 +51,14 @@ expert weights fetched on misses (``expert_stall_s``).
 
 ``request_routing`` (:class:`moesim.serve.routing.RequestRouting`): per-request routing; each iteration's
 dispatch, routed experts and combine come from replaying the batch's own trace rows (``BatchWork.routing_rows``) on
-``placement`` (:meth:`IterationCost.routed_moe`; replicas of ``placement`` get their share local-first), the rest
-from ``linear``'s routing-free parts (:meth:`IterationCost.routed_linear_s`).
+``placement`` in ``ep_mode`` (:meth:`IterationCost.routed_moe`; replicas of ``placement`` get their share
+local-first), the rest from ``linear``'s routing-free parts (:meth:`IterationCost.routed_linear_s`); with
+``two_batch_overlap`` each micro-batch replays every other row (:meth:`IterationCost.routed_halves`); with
+``expert_cache`` the caches see the rows (``online_cache``, :class:`moesim.serve.offload.OnlineCache`: each rank's
+own, ``BatchWork.rank_rows``, or the EP group's).
+
+``host_overhead`` (``eager`` | ``cuda-graphs`` | ``none``, the default): each MoE layer's ``pre`` part also holds the
+host launch time the GPU waits for after the layer's dispatch sync (:mod:`moesim.train.host`).
 
 ``two_batch_overlap``: the rank's batch is split into two micro-batches whose attention/expert compute
 and dispatch/combine all-to-alls alternate on two streams (:func:`two_batch_makespan`); each phase is timed
@@ -70,8 +78,11 @@ from hwmodels.specs import System
 from moesim.train.collectives import group_system
 from moesim.train.layers import FP32_BYTES, Shape, attention_dims, block_ops, embedding_ops, head_ops
 from moesim.train.memory import block_params, embedding_params
+from moesim.serve.exflow import ep_moe_times
 from moesim.train.moe import moe_times
+from moesim.train.host import HostModel
 from moesim.train.ops import FORWARD, Kernel, Timer, default_cost, kernel_cost
+from moesim.train.overheads import host_exposure_s
 from moesim.train.spec import Parallel, TrainSpec
 from workloads.hf_config import ModelConfig
 from workloads.trace import Trace
@@ -139,20 +150,23 @@ def two_batch_makespan(a_s: np.ndarray, d_s: np.ndarray, e_s: np.ndarray, c_s: n
     ``E`` (experts and shared experts, compute) -> ``C`` (combine, comm); ``A`` of layer l + 1 waits for
     ``C`` of layer l of the same micro-batch. The compute stream runs A1 A2 E1 E2, the communication stream
     D1 D2 C1 C2, each in that order, a task starting when its stream is free and its input is ready
-    (DeepSeek-V3's and SGLang's two-batch overlap, decode). Arrays are per layer, for one micro-batch.
+    (DeepSeek-V3's and SGLang's two-batch overlap, decode). Arrays are per layer [layers], the same for both
+    micro-batches, or per micro-batch and layer [2, layers].
     """
+    n = np.shape(a_s)[-1]
+    a_s, d_s, e_s, c_s = (np.broadcast_to(np.asarray(x, dtype=float), (2, n)) for x in (a_s, d_s, e_s, c_s))
     compute = comm = 0.0
     c_end = [0.0, 0.0]
-    for a, d, e, c in zip(a_s, d_s, e_s, c_s):
+    for i in range(n):
         a_end, d_end, e_end = [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
         for m in (0, 1):
-            compute = a_end[m] = max(compute, c_end[m]) + a
+            compute = a_end[m] = max(compute, c_end[m]) + a_s[m, i]
         for m in (0, 1):
-            comm = d_end[m] = max(comm, a_end[m]) + d
+            comm = d_end[m] = max(comm, a_end[m]) + d_s[m, i]
         for m in (0, 1):
-            compute = e_end[m] = max(compute, d_end[m]) + e
+            compute = e_end[m] = max(compute, d_end[m]) + e_s[m, i]
         for m in (0, 1):
-            comm = c_end[m] = max(comm, e_end[m]) + c
+            comm = c_end[m] = max(comm, e_end[m]) + c_s[m, i]
     return max(c_end)
 
 
@@ -168,6 +182,9 @@ class BatchWork:
     swap_tokens: int = 0
     #: trace rows of the batch's tokens (all ranks'; :class:`moesim.serve.routing.RequestRouting`), or None
     routing_rows: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: the data-parallel rank doing this work and its own rows (a slice of ``routing_rows``; None: all of them)
+    rank: int = field(default=0, compare=False)
+    rank_rows: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -186,12 +203,15 @@ class IterationCost:
     grid_ratio: float = 1.05
     interp_tol: float = 0.005
     two_batch_overlap: bool = False
-    ep_comm: object | None = None  # moesim.serve.exflow.EPComm: trace-and-placement all-to-alls (standard/coherent)
+    host_overhead: str = "none"  # moesim.train.host: host time waited after each MoE dispatch's sync
+    ep_mode: object | None = None  # moesim.serve.exflow.EPMode: standard (None: the same) or context-coherent EP
     placement: object | None = None  # moesim.placement.Placement of the trace's layers (trace routing only)
     expert_cache: object | None = None  # moesim.serve.offload.ExpertCache: routed experts cached in HBM
     request_routing: object | None = None  # moesim.serve.routing.RequestRouting: per-request trace rows
     routed_tokens_per_device: int = 256  # per-request routing replays at most this many tokens per EP device
-    _routed: tuple | None = field(default=None, repr=False)
+    _routed: dict = field(default_factory=dict, repr=False)
+    _halves: tuple | None = field(default=None, repr=False)
+    online_cache: object | None = field(default=None, repr=False)  # offload.OnlineCache: cache on the rows
     _unrouted: dict = field(default_factory=dict, repr=False)
     _linear: dict = field(default_factory=dict, repr=False)
     _parts: dict = field(default_factory=dict, repr=False)
@@ -204,10 +224,12 @@ class IterationCost:
                              f"system {self.system.name!r} has {self.system.num_devices} (set --nodes or the layout)")
         if self.layout.ep > 1 and not self.cfg.is_moe:
             raise ServeError(f"--ep {self.layout.ep} needs an MoE model; {self.cfg.name!r} is dense")
-        if self.cfg.is_moe and self.cfg.num_experts % self.layout.ep:
+        if self.cfg.is_moe and self.cfg.num_experts % self.layout.ep and self.placement is None:
             raise ServeError(f"--ep {self.layout.ep} must divide the {self.cfg.num_experts} routed experts")
         if self.request_routing is not None:
             self._check_request_routing()
+        if self.ep_mode is not None and self.ep_mode.coherent and self.trace is None and self.request_routing is None:
+            raise ServeError("--ep-mode coherent needs routing from a trace (--trace or --request-routing)")
         if not 0 < self.memory_fraction <= 1:
             raise ServeError(f"memory fraction must lie in (0, 1], got {self.memory_fraction}")
         if self.cost is None:
@@ -242,6 +264,8 @@ class IterationCost:
         for layer in range(cfg.num_hidden_layers):
             pc = pc + block_params(cfg, layer, lay.tp, lay.ep)
         routed = pc.expert * DTYPE_BYTES[self.dtype]
+        if self.placement is not None:  # the placement's expert slots per device (redundant ones included)
+            routed *= self.placement.slots_per_device * self.layout.ep / self.cfg.num_experts
         if self.expert_cache is not None:  # offloaded: only the cache's share of the routed experts in HBM
             routed = min(routed, self.expert_cache.capacity_experts * self.expert_cache.expert_bytes)
         return pc.dense * DTYPE_BYTES[self.dtype] + routed
@@ -254,7 +278,7 @@ class IterationCost:
     def kv_replicas(self) -> int:
         """Copies of a rank's KV: 1, or the EP group's ranks in context-coherent mode (every device of the
         group holds every request's KV)."""
-        if self.ep_comm is not None and self.ep_comm.mode == "coherent" and getattr(self.ep_comm, "replicate_kv", True):
+        if self.ep_mode is not None and self.ep_mode.coherent and self.ep_mode.replicate_kv:
             return max(1, self.layout.ep // self.layout.tp)
         return 1
 
@@ -307,13 +331,14 @@ class IterationCost:
         if cfg.moe_layers:
             moe = list(cfg.moe_layers)
             mt = self._moe_times(tokens)
-            parts["pre_s"][moe] = fwd(block_ops(cfg, moe[0], sh, self.timer, self.system)) + mt.router_s[0]
+            ops = block_ops(cfg, moe[0], sh, self.timer, self.system)
+            host = HostModel(self.host_overhead)  # the host time waited after each dispatch sync: moesim.train.host
+            kernels = [o.time_s for o in ops if o.direction == FORWARD and o.phase not in OWN_PHASES]
+            parts["pre_s"][moe] = fwd(ops) + mt.router_s[0] + [host_exposure_s(host, kernels, mt, 0, j)
+                                                               for j in range(len(moe))]
             for key, arr in (("dispatch_s", mt.dispatch_s), ("shared_s", mt.shared_s), ("expert_s", mt.expert_s),
                              ("combine_s", mt.combine_s)):
                 parts[key][moe] = arr[0]
-            if self.ep_comm is not None:  # the placement's token movement replaces the dispatch and combine
-                parts["dispatch_s"][moe], parts["combine_s"][moe] = self.ep_comm.layer_times_s(
-                    -(-tokens // lay.tp), len(moe))
         got = self._parts[tokens] = LayerParts(fwd(embedding_ops(cfg, sh, self.timer, self.system)), **parts)
         return got
 
@@ -329,16 +354,22 @@ class IterationCost:
         spec = TrainSpec(parallel=self.layout.parallel(), seq_len=tokens, micro_batch_size=1,
                          global_batch_size=self.layout.dp, dtype=self.dtype,
                          routing="trace" if self.trace is not None else "balanced", routing_samples=1)
-        return moe_times(self.cfg, self.system, spec, self.cost, self.trace, placement=self.placement)
+        return ep_moe_times(self.cfg, self.system, spec, self.cost, self.trace, self.placement, self.ep_mode)
 
     def _check_request_routing(self):
         rr = self.request_routing
         if not self.cfg.is_moe or rr.meta.num_experts != self.cfg.num_experts:
             raise ServeError(f"--request-routing: the trace has {rr.meta.num_experts} experts per layer, "
                              f"{self.cfg.name!r} {self.cfg.num_experts if self.cfg.is_moe else 0}")
-        for name in ("ep_comm", "expert_cache", "two_batch_overlap"):
-            if getattr(self, name):
-                raise ServeError(f"--request-routing does not combine with {name.replace('_', '-')} yet")
+        if self.expert_cache is not None:
+            from moesim.serve.offload import OnlineCache
+            if self.layout.ep not in (1, self.layout.devices):
+                raise ServeError(f"--request-routing with --expert-cache-gb: --ep must be 1 or all "
+                                 f"{self.layout.devices} devices (one EP group sees the batch's rows)")
+            try:
+                self.online_cache = OnlineCache(self.expert_cache, rr.ids)
+            except ValueError as exc:
+                raise ServeError(str(exc)) from None
 
     def routed_moe(self, rows: np.ndarray):
         """The training engine's MoE phases (:class:`moesim.train.moe.MoETimes`, one sample) of the EP group routing
@@ -347,9 +378,10 @@ class IterationCost:
         ``ep`` does not divide them, ``moesim.train.moe``'s window drops the remainder and scales); with
         several EP groups (``ep < tp x dp``) or above ``routed_tokens_per_device`` tokens per device (large
         prefill batches, at bounded cost) an evenly spaced subset of the rows is replayed and scaled by
-        ``moesim.train.moe``. Memoized for the last ``rows`` object (every rank of an iteration shares it)."""
-        if self._routed is not None and self._routed[0] is rows:
-            return self._routed[1]
+        ``moesim.train.moe``. Memoized for the last few ``rows`` objects (every rank of an iteration shares them)."""
+        got = self._routed.get(id(rows))
+        if got is not None and got[0] is rows:
+            return got[1]
         lay = self.layout
         per_device = max(1, -(-len(rows) // lay.devices))  # every device's share of the batch (dp x tp devices)
         want = lay.ep * min(per_device, self.routed_tokens_per_device)  # rows one EP group replays
@@ -358,10 +390,20 @@ class IterationCost:
             replay = replay[np.linspace(0, len(replay) - 1, want).astype(np.int64)]
         spec = TrainSpec(parallel=lay.parallel(), seq_len=per_device * lay.tp, micro_batch_size=1,
                          global_batch_size=lay.dp, dtype=self.dtype, routing="trace", routing_samples=1)
-        mt = moe_times(self.cfg, self.system, spec, self.cost, self.request_routing.trace(replay),
-                       placement=self.placement)
-        self._routed = (rows, mt)
+        mt = ep_moe_times(self.cfg, self.system, spec, self.cost, self.request_routing.trace(replay), self.placement,
+                          self.ep_mode)
+        if len(self._routed) >= 4:
+            self._routed.clear()
+        self._routed[id(rows)] = (rows, mt)
         return mt
+
+    def routed_halves(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The two micro-batches of two-batch overlap: every other token of ``rows`` (each rank's tokens split
+        evenly), the same array objects for every rank of an iteration (so :meth:`routed_moe` memoizes them)."""
+        got = self._halves
+        if got is None or got[0] is not rows:
+            got = self._halves = (rows, (rows[0::2], rows[1::2]))
+        return got[1]
 
     def routed_linear_s(self, tokens: int, rows: np.ndarray) -> float:
         """``linear(T)`` with the MoE dispatch, routed experts and combine of :meth:`routed_moe` on ``rows``
@@ -472,7 +514,8 @@ class IterationCost:
     def non_expert_s_per_layer(self, tokens: int) -> float:
         """Mean seconds per MoE layer outside the routed experts (what expert prefetches overlap), at the token
         count the expert cache is replayed at."""
-        p = self.layer_parts(self.expert_cache.batch_tokens(tokens))
+        cache = self.expert_cache
+        p = self.layer_parts(max(1, cache.batch_tokens(tokens) // cache.ep))  # one rank's share of the replayed batch
         moe = list(self.cfg.moe_layers)
         other = p.pre_s + np.maximum(p.dispatch_s, p.shared_s) + p.combine_s
         return float(other[moe].mean())
@@ -483,11 +526,19 @@ class IterationCost:
             return 0.0
         return self.expert_cache.per_batch(tokens, self.non_expert_s_per_layer(tokens))["stall_s"]
 
+    def _stall_s(self, w: BatchWork) -> float:
+        """:meth:`expert_stall_s`, or with per-request routing the online caches' wait on the batch's own rows
+        (:class:`moesim.serve.offload.OnlineCache`; stateful: once per rank and iteration, as the engine calls it)."""
+        if self.online_cache is None or w.routing_rows is None or w.tokens <= 0:
+            return self.expert_stall_s(w.tokens)
+        rows = w.rank_rows if w.rank_rows is not None else w.routing_rows
+        return self.online_cache.stall_s(w.rank, rows, w.routing_rows, self.non_expert_s_per_layer(w.tokens))
+
     def rank_s(self, w: BatchWork) -> float:
         """Seconds of one rank doing ``w`` (see the module docstring)."""
         if w.tokens <= 0:
             return self.swap_s(w.swap_tokens)
-        rest = self.head_s(w.sampled) + self.swap_s(w.swap_tokens) + self.expert_stall_s(w.tokens)
+        rest = self.head_s(w.sampled) + self.swap_s(w.swap_tokens) + self._stall_s(w)
         if self.two_batch_overlap and w.tokens >= 2:
             return rest + self.two_batch_s(w)
         if w.routing_rows is not None and self.request_routing is not None:
@@ -523,7 +574,14 @@ class IterationCost:
         p = self.layer_parts(-(-w.tokens // 2))
         attn = self.attention_s(w.attention_pairs / 2, w.kv_tokens_read / 2, w.tokens / 2)
         a = p.pre_s + attn / self.cfg.num_hidden_layers
-        return 2 * p.embed_s + two_batch_makespan(a, p.dispatch_s, p.shared_s + p.expert_s, p.combine_s)
+        d, e, c = p.dispatch_s, p.shared_s + p.expert_s, p.combine_s
+        if w.routing_rows is not None and self.request_routing is not None:  # each micro-batch's own rows
+            moe = list(self.cfg.moe_layers)
+            d, e, c = (np.tile(x, (2, 1)) for x in (d, e, c))
+            for m, half in enumerate(self.routed_halves(w.routing_rows)):
+                mt = self.routed_moe(half)
+                d[m, moe], e[m, moe], c[m, moe] = mt.dispatch_s[0], p.shared_s[moe] + mt.expert_s[0], mt.combine_s[0]
+        return 2 * p.embed_s + two_batch_makespan(a, d, e, c)
 
     def swap_s(self, tokens_per_rank: float) -> float:
         """Copying ``tokens_per_rank`` tokens of KV between a device and host memory over its host link, before
@@ -546,7 +604,7 @@ class IterationCost:
                 "kv_bytes_per_token_per_device": self.kv_bytes_per_token,
                 "kv_capacity_tokens_per_device": self.kv_capacity_tokens_per_device,
                 "memory_fraction": self.memory_fraction, "two_batch_overlap": self.two_batch_overlap,
-                "ep_mode": self.ep_comm.mode if self.ep_comm is not None else "standard",
+                "ep_mode": self.ep_mode.mode if self.ep_mode is not None else "standard",
                 "kv_replicas": self.kv_replicas}
 
 

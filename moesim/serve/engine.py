@@ -14,6 +14,12 @@ and, for several ranks, ``ranks_iteration_s([BatchWork])``) and applies it at it
   the link between the pools (``bytes / bandwidth + latency``; transfers do not contend) and it joins the
   decode replica's queue with that KV in place. A preempted request recomputes where it is.
 
+Live KV spill (``SchedulerConfig.kv_offload = "spill"``, a replica with a ``spill`` tier,
+:class:`moesim.serve.kv.SpillTier`): each rank also has blocks in the tier behind HBM; a rank's iteration moves the
+KV its plan spills and reads the spilled KV its batch attends over across the tiers' channel, overlapping its
+compute: the rank takes ``max(compute, spill.transfer_s(spilled + read tokens))``; the lock-step iteration the
+slowest rank's. ``spill_wait_s`` logs what the transfer adds beyond that rank's compute.
+
 A request whose KV at its end (``prompt + output - 1`` tokens; ``prompt`` on a prefill replica) exceeds the
 whole KV capacity of one rank of a replica it would use can never run: it is rejected at arrival and counted, never
 silently dropped.
@@ -30,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moesim.serve.cost import BatchWork
-from moesim.serve.kv import KVBlocks
+from moesim.serve.kv import KVBlocks, SpillTier
 from workloads.requests import Requests
 from moesim.serve.scheduler import Plan, ReplicaState, SchedulerConfig, plan
 
@@ -39,16 +45,18 @@ ITERATION_COLUMNS = ("replica", "start_s", "duration_s", "tokens", "prefill_toke
                      "waiting", "preempted", "swap_out_tokens", "swap_in_tokens", "kv_host_used_blocks",
                      "attention_pairs", "kv_tokens_read", "slowest_rank", "slowest_rank_tokens",
                      "slowest_rank_sampled", "slowest_rank_attention_pairs", "slowest_rank_kv_tokens_read",
-                     "slowest_rank_swap_tokens")
+                     "slowest_rank_swap_tokens", "spill_out_tokens", "spill_read_tokens", "kv_spill_used_blocks",
+                     "spill_wait_s")
 
 
 @dataclass
 class Rank:
-    """One data-parallel rank of a replica: its queues (``state``), HBM KV blocks and host blocks."""
+    """One data-parallel rank of a replica: its queues (``state``), HBM KV blocks, host blocks and spill-tier blocks."""
 
     state: ReplicaState
     kv: KVBlocks
     host: KVBlocks | None
+    spill: KVBlocks | None = None
 
 
 @dataclass
@@ -63,6 +71,7 @@ class Replica:
     role: str = "colocated"
     host: KVBlocks | None = None  # host-memory blocks for swapped-out KV (preemption "swap")
     ranks: int = 1
+    spill: SpillTier | None = None  # the tier live KV spills to (kv_offload "spill"), per rank
     clock_s: float = 0.0
     incoming: list = field(default_factory=list)  # heap of (time_s, seq, request)
     parts: list = field(default_factory=list)
@@ -121,6 +130,8 @@ class _Sim:
         for rep in replicas:
             if rep.ranks < 1:
                 raise ValueError(f"replica {rep.name}: ranks must be >= 1, got {rep.ranks}")
+            if sched.kv_offload == "spill" and rep.spill is None:
+                raise ValueError(f"replica {rep.name}: --kv-offload spill needs the tier KV spills to")
             target = np.ones(n, dtype=np.int64) if rep.role == "prefill" else req.output_tokens
             rep.parts = [self._rank(rep, target) for _ in range(rep.ranks)]
             routing = getattr(rep.cost, "request_routing", None)
@@ -132,7 +143,10 @@ class _Sim:
         st = ReplicaState(self.req.prompt_tokens, target, self.shared)
         host = dataclasses.replace(rep.host, used_blocks=0, peak_blocks=0) if rep.host is not None else None
         st.host = host
-        return Rank(st, dataclasses.replace(rep.kv, used_blocks=0, peak_blocks=0), host)
+        spill = None
+        if self.cfg.kv_offload == "spill":
+            spill = st.spill = KVBlocks(rep.spill.capacity_blocks, rep.kv.block_size)
+        return Rank(st, dataclasses.replace(rep.kv, used_blocks=0, peak_blocks=0), host, spill)
 
     def count_done(self, n: int) -> None:
         self.done += n
@@ -197,27 +211,43 @@ class _Sim:
         if routing is not None:  # per-request routing: every rank's work carries all ranks' token rows (one EP group)
             rows = routing.rows(np.concatenate([p.ids for p in plans]), np.concatenate([p.context for p in plans]),
                                 np.concatenate([p.tokens for p in plans]))
-            works = [dataclasses.replace(w, routing_rows=rows) for w in works]
+            ends = np.cumsum([w.tokens for w in works])  # rank i's tokens are rows[ends[i] - tokens : ends[i]]
+            works = [dataclasses.replace(w, routing_rows=rows, rank=i, rank_rows=rows[e - w.tokens:e])
+                     for i, (w, e) in enumerate(zip(works, ends))]
+        dt, slow, slow_work, wait = self.iteration_time(rep, plans, works)
+        if not dt > 0:
+            raise ValueError(f"iteration time {dt} s is not positive: check the system spec's bandwidths and peaks")
+        self.record(rep, plans, works, dt, slow, slow_work, wait)
+        rep.clock_s += dt
+        for part, p in zip(rep.parts, plans):
+            self.apply(rep, part, p)
+
+    def iteration_time(self, rep: Replica, plans: list[Plan], works: list[BatchWork]):
+        """(seconds, slowest rank, its work, seconds the KV spill transfers add beyond its compute) of one lock-step
+        iteration; each rank takes max(compute, its spill transfer) when KV spills (module docstring)."""
+        spill = None
+        if self.cfg.kv_offload == "spill":
+            spill = [rep.spill.transfer_s(p.spill_out_tokens + p.spill_read_tokens) for p in plans]
         slow, slow_work = 0, works[0]
         if len(works) == 1:  # one scheduler: the cost may pool the batch over its ranks (rank_share)
             dt = float(rep.cost.iteration_s(works[0]))
             if hasattr(rep.cost, "rank_share"):
                 slow_work = rep.cost.rank_share(works[0])
-        elif hasattr(rep.cost, "rank_s"):  # per-rank times: the slowest rank sets the lock-step iteration
+            if spill is None:
+                return dt, slow, slow_work, 0.0
+            return max(dt, spill[0]), slow, slow_work, max(dt, spill[0]) - dt
+        if hasattr(rep.cost, "rank_s"):  # per-rank times: the slowest rank sets the lock-step iteration
             times = [rep.cost.rank_s(w) for w in works]
-            slow = int(np.argmax(times))
-            dt, slow_work = float(times[slow]), works[slow]
-        else:
-            dt = float(rep.cost.ranks_iteration_s(works))
-        if not dt > 0:
-            raise ValueError(f"iteration time {dt} s is not positive: check the system spec's bandwidths and peaks")
-        self.record(rep, plans, works, dt, slow, slow_work)
-        rep.clock_s += dt
-        for part, p in zip(rep.parts, plans):
-            self.apply(rep, part, p)
+            total = times if spill is None else [max(c, s) for c, s in zip(times, spill)]
+            slow = int(np.argmax(total))
+            return float(total[slow]), slow, works[slow], float(total[slow] - times[slow])
+        dt = float(rep.cost.ranks_iteration_s(works))
+        if spill is None:
+            return dt, slow, slow_work, 0.0
+        return max(dt, max(spill)), slow, slow_work, max(dt, max(spill)) - dt
 
     def record(self, rep: Replica, plans: list[Plan], works: list[BatchWork], dt: float, slow: int,
-               sw: BatchWork) -> None:
+               sw: BatchWork, wait: float) -> None:
         st = rep.parts[0].state  # per-request arrays are shared by every rank
         decode = 0
         for p in plans:
@@ -235,7 +265,9 @@ class _Sim:
                      sum(p.swap_out_tokens for p in plans), sum(p.swap_in_tokens for p in plans),
                      sum(part.host.used_blocks for part in rep.parts if part.host is not None),
                      sum(w.attention_pairs for w in works), sum(w.kv_tokens_read for w in works), slow,
-                     sw.tokens, sw.sampled, sw.attention_pairs, sw.kv_tokens_read, sw.swap_tokens)
+                     sw.tokens, sw.sampled, sw.attention_pairs, sw.kv_tokens_read, sw.swap_tokens,
+                     sum(p.spill_out_tokens for p in plans), sum(p.spill_read_tokens for p in plans),
+                     sum(part.spill.used_blocks for part in rep.parts if part.spill is not None), wait)
 
     def apply(self, rep: Replica, part: Rank, p: Plan) -> None:
         st, end = part.state, rep.clock_s
@@ -248,6 +280,9 @@ class _Sim:
         if len(fin):
             part.kv.release(int(st.held[fin].sum()))
             st.held[fin] = 0
+            if part.spill is not None:
+                part.spill.release(int(st.spilled[fin].sum()))
+                st.spilled[fin] = 0
             st.running = st.running[~np.isin(st.running, fin)]
             if rep.role == "prefill":
                 self.hand_over(fin, end)
@@ -299,7 +334,13 @@ def simulate(requests: Requests, replicas: list[Replica], sched: SchedulerConfig
 
 def _replica_info(rep: Replica) -> dict:
     hosts = [p.host for p in rep.parts if p.host is not None]
-    return {"role": rep.role, "ranks": len(rep.parts), "kv_block_size": rep.kv.block_size,
+    spills = [p.spill for p in rep.parts if p.spill is not None]
+    spill = {} if not spills else {
+        "spill_tier": rep.spill.name, "kv_tier": rep.spill.kv_tier,
+        "spill_capacity_blocks_per_rank": rep.spill.capacity_blocks,
+        "spill_peak_blocks_per_rank": max(s.peak_blocks for s in spills),
+        "spill_bytes_per_token_per_device": rep.spill.bytes_per_token}
+    return {**spill, "role": rep.role, "ranks": len(rep.parts), "kv_block_size": rep.kv.block_size,
             "kv_capacity_blocks_per_rank": rep.kv.capacity_blocks,
             "kv_peak_blocks_per_rank": max(p.kv.peak_blocks for p in rep.parts),
             "host_capacity_blocks_per_rank": rep.host.capacity_blocks if rep.host is not None else 0,

@@ -1,38 +1,64 @@
-"""Expert-parallel token movement for inference: the standard two all-to-alls per MoE layer against ExFlow's
-context-coherent mode (one all-to-all per layer), on a routing trace and an expert placement.
+"""Expert parallelism for inference: the standard two all-to-alls per MoE layer, and ExFlow's context-coherent mode
+(one all-to-all per layer), as one model.
 
 ExFlow: J. Yao, Q. Anthony, A. Shafi, H. Subramoni, D. K. Panda, "Exploiting Inter-Layer Expert Affinity for
 Accelerating Mixture-of-Experts Model Inference", IPDPS 2024 (arXiv:2401.08383). Its claims: one all-to-all
 per layer instead of two, up to 67 % less cross-GPU routing latency with an affinity-aware placement (integer
 program over the inter-layer affinity), up to 2.2x inference throughput over DeepSpeed-MoE.
 
-The model here (token counts per (source, destination) device pair and MoE layer, per token of the trace):
+Both modes are the training engine's MoE phases (:func:`moesim.train.moe.moe_times`): the same routing window of
+the trace, the same expert placement, the same copies per token (its de-duplicated dispatch,
+:func:`moesim.train.moe.step_options`), the same payload bytes and the same all-to-all model (the cost model's,
+:func:`hwmodels.cost.collective_model`: the NCCL-fitted one for the default GPU cost). ``standard`` is exactly
+those phases (:func:`ep_moe_times` returns them unchanged). ``coherent`` changes only where a token's hidden state
+is before and after each MoE layer (:func:`layer_copies`):
 
-- ``standard``: a token lives on its home device ``h`` (its sequence's data-parallel rank, sequence mod devices;
-  the token index when the trace has no sequences). Layer l: ``dispatch`` h -> device of each chosen expert,
-  ``combine`` back (the transpose).
-- ``coherent``: the token's hidden state stays where its expert ran. Layer l: ``dispatch`` from its position
-  ``p(l-1)`` (``p(-1) = h``) to each chosen expert; with top-k > 1 the k partial outputs are summed on the device
-  of the highest-weight (primary) expert: ``reduce`` sends each other choice's output there, and ``p(l)`` is that
-  device (top-1: no reduce, one all-to-all per layer exactly as ExFlow). After the last layer the token goes home
-  once (``return``, charged to the last layer). Attention at ``p(l-1)`` needs the request's KV there: the
+- ``standard``: a token lives on its home device ``h`` (the contiguous shard of its index in the routing window,
+  as :func:`moesim.sim.aggregate` assigns it); layer j: dispatch from ``h`` to each chosen expert's device, combine
+  of the expert outputs back to ``h`` (two all-to-alls);
+- ``coherent``: the token stays where its (highest-weight, primary) expert ran and the next layer's attention
+  runs there: layer j's dispatch starts from where layer j - 1 left it (``h`` for the first MoE layer); its
+  outputs are summed on the primary expert's device (top-1: all local, no second all-to-all: one all-to-all per
+  layer exactly as ExFlow; top-k > 1: the other experts' partial outputs move there, one copy per (token, device)
+  as the de-duplicated combine sends them); after the model's last MoE layer the outputs go home (the standard
+  combine), for the LM head and the next iteration. Attention anywhere needs the request's KV anywhere: the
   context is kept coherent by holding every request's KV on every device of the group (our modelling
-  assumption: KV memory x group size, and an all-gather of the iteration's new KV per layer, see
-  :class:`EPComm`).
+  assumption: KV memory x group size, and an all-gather of the iteration's new KV per layer, :class:`EPMode`).
 
-Device-local entries (the diagonal) cross no link. :func:`pair_tokens` gives the matrices; :class:`EPComm` times
-them for a token count per device on a system's all-to-all routes (bottleneck link plus route latency).
+Model MoE layer j uses trace layer j mod (trace layers); its source is where model layer j - 1 left the token.
+Device-local copies (the diagonal) cross no link.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
 from moesim.placement import Placement
 
 MODES = ("standard", "coherent")
+
+
+@dataclass(frozen=True)
+class EPMode:
+    """How tokens move between the experts' devices: ``mode`` (:data:`MODES`); coherent mode all-gathers the new
+    tokens' KV (``kv_bytes_per_token_layer`` bytes per token and layer) to every device of the group once per layer
+    when ``replicate_kv`` (every device holds every request's KV); ``replicate_kv`` False: context coherence for
+    free (no KV copies, no all-gather: the bound of the mode's gain)."""
+
+    mode: str = "standard"
+    kv_bytes_per_token_layer: float = 0.0
+    replicate_kv: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"--ep-mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+    @property
+    def coherent(self) -> bool:
+        return self.mode == "coherent"
 
 
 def expert_device(placement: Placement) -> np.ndarray:
@@ -49,116 +75,137 @@ def expert_device(placement: Placement) -> np.ndarray:
     return out
 
 
-def _choices(trace) -> tuple[np.ndarray, ...]:
-    """(token row [N], layer [N], expert [N], weight [N], home device key [tokens], tokens) over the trace's
-    (step, token) pairs numbered 0..tokens-1."""
+def top1(trace):
+    """``trace`` keeping only each token's highest-weight choice per layer (ties: the first row); top_k 1."""
+    from workloads.trace import Trace
+
     c = trace.columns
-    key = c["step"].astype(np.int64) * (int(c["token"].max()) + 1) + c["token"].astype(np.int64)
-    uniq, tok = np.unique(key, return_inverse=True)
-    seq = c["sequence"] if "sequence" in c else c["token"]
-    home_key = np.zeros(len(uniq), dtype=np.int64)
-    home_key[tok] = c["step"].astype(np.int64) * (int(seq.max()) + 1) + seq.astype(np.int64)
-    return tok, c["layer"].astype(np.int64), c["expert"].astype(np.int64), c["weight"], home_key, len(uniq)
+    tok = c["step"].astype(np.int64) * (int(c["token"].max()) + 1) + c["token"].astype(np.int64)
+    order = np.lexsort((-c["weight"], tok, c["layer"]))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (c["layer"][order][1:] != c["layer"][order][:-1]) | (tok[order][1:] != tok[order][:-1])
+    keep = np.sort(order[first])
+    cols = {k: v[keep] for k, v in c.items()}
+    cols["rank"] = np.zeros(len(keep), dtype=c["rank"].dtype)
+    return Trace(columns=cols, meta=dataclasses.replace(trace.meta, top_k=1))
 
 
-def pair_tokens(trace, dev: np.ndarray, num_devices: int, mode: str, top1: bool = False) -> dict[str, np.ndarray]:
-    """Token movements per token of the trace: name -> [layers, D, D] (see the module docstring). ``top1``: keep
-    only each token's highest-weight choice per layer (the top-1 models of ExFlow's evaluation)."""
+def _copies(tok: np.ndarray, src: np.ndarray, dst: np.ndarray, d: int, dedup: str, per_node: int) -> np.ndarray:
+    """[D, D] copies one all-to-all sends for the (token, destination device) rows of one layer: one per row
+    (``none``), or de-duplicated as :func:`moesim.sim.dedup_pair_keys` sends them."""
+    from moesim.sim import dedup_pair_keys
+
+    if dedup == "none":
+        key = src.astype(np.int64) * d + dst
+    else:
+        key = dedup_pair_keys(np.zeros(len(tok), dtype=np.int64), tok, src, dst, d, dedup, per_node)
+    return np.bincount(key, minlength=d * d).reshape(d, d)
+
+
+def layer_copies(part, placement: Placement, num_devices: int, mode: str, dedup: str, devices_per_node: int,
+                 moe_layers: int) -> dict[str, np.ndarray]:
+    """Copies sent per (sender, receiver) device in each of the model's ``moe_layers`` MoE layers for the tokens of
+    ``part`` (one step, tokens 0..n-1, every token in every layer: a routing window of
+    :func:`moesim.train.moe.sample_steps`): ``dispatch`` and ``combine`` [moe_layers, D, D] (see the module
+    docstring). ``standard`` gives the training engine's (:func:`moesim.sim.aggregate`'s) pair counts per layer."""
     if mode not in MODES:
         raise ValueError(f"EP mode must be one of {', '.join(MODES)}, got {mode!r}")
-    tok, layer, expert, weight, home_key, n = _choices(trace)
-    L, D = dev.shape[0], num_devices
-    if int(layer.max()) >= L:
-        raise ValueError(f"the trace has {int(layer.max()) + 1} layers, the placement {L}")
-    _, home_idx = np.unique(home_key, return_inverse=True)
-    home = home_idx % D
-    # primary choice of each (layer, token): highest weight (ties: first row)
-    order = np.lexsort((-weight, tok, layer))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = (layer[order][1:] != layer[order][:-1]) | (tok[order][1:] != tok[order][:-1])
-    primary_rows = order[first]
-    keep = np.zeros(len(tok), dtype=bool)
-    keep[primary_rows] = True
-    if top1:
-        tok, layer, expert, keep = tok[keep], layer[keep], expert[keep], np.ones(int(keep.sum()), dtype=bool)
-    prim = np.full((L, n), -1, dtype=np.int64)
-    prim[layer[keep], tok[keep]] = dev[layer[keep], expert[keep]]
-    dst = dev[layer, expert]
-    names = ("dispatch", "combine") if mode == "standard" else ("dispatch", "reduce", "return")
-    out = {k: np.zeros((L, D, D)) for k in names}
-    if mode == "standard":
-        np.add.at(out["dispatch"], (layer, home[tok], dst), 1.0)
-        out["combine"] = out["dispatch"].transpose(0, 2, 1).copy()
-    else:
-        pos = np.vstack([home[None, :], prim[:-1]])  # position before layer l
-        np.add.at(out["dispatch"], (layer, pos[layer, tok], dst), 1.0)
-        other = ~keep
-        np.add.at(out["reduce"], (layer[other], dst[other], prim[layer[other], tok[other]]), 1.0)
-        np.add.at(out["return"][L - 1], (prim[L - 1], home), 1.0)
-    return {k: v / n for k, v in out.items()}
+    c, d = part.columns, num_devices
+    if np.unique(c["step"]).size != 1:
+        raise ValueError("layer_copies takes one step of routing")
+    dev = expert_device(placement)
+    used = dev.shape[0]
+    n = int(c["token"].max()) + 1
+    home = (np.arange(n, dtype=np.int64) * d) // n  # the contiguous shard of moesim.sim.aggregate
+    layer, tok = c["layer"].astype(np.int64), c["token"].astype(np.int64)
+    dst = dev[layer, c["expert"].astype(np.int64)]
+    rows = [np.flatnonzero(layer == t) for t in range(used)]
+    primary = np.empty((used, n), dtype=np.int64)
+    for t, r in enumerate(rows):  # the highest-weight choice's device (ties: the first row)
+        order = r[np.lexsort((-c["weight"][r], tok[r]))]
+        firsts = order[np.r_[True, tok[order][1:] != tok[order][:-1]]]
+        primary[t] = home
+        primary[t, tok[firsts]] = dst[firsts]
+    memo: dict = {}
+
+    def where(j: int):  # (key, device [n]) of the tokens after model MoE layer j
+        if j < 0 or j == moe_layers - 1 or mode == "standard":
+            return "home", home
+        return j % used, primary[j % used]
+
+    out = {k: np.zeros((moe_layers, d, d), dtype=np.int64) for k in ("dispatch", "combine")}
+    for j in range(moe_layers):
+        t, r = j % used, rows[j % used]
+        (ks, src), (kd, sink) = where(j - 1), where(j)
+        for name, key, at in (("dispatch", ks, src), ("combine", kd, sink)):
+            if (t, name, key) not in memo:
+                m = _copies(tok[r], at[tok[r]], dst[r], d, dedup, devices_per_node)
+                memo[(t, name, key)] = m if name == "dispatch" else m.T
+            out[name][j] = memo[(t, name, key)]
+    return out
 
 
-def crossings(pairs: dict[str, np.ndarray]) -> float:
-    """Cross-device token movements per token and layer (all steps of the mode)."""
-    total = 0.0
-    for v in pairs.values():
-        total += float(v.sum() - np.trace(v, axis1=1, axis2=2).sum())
-    return total / next(iter(pairs.values())).shape[0]
+def ep_moe_times(cfg, system, spec, cost, trace, placement: Placement | None, ep_mode: EPMode | None):
+    """The MoE phases (:class:`moesim.train.moe.MoETimes`) of ``cfg`` replaying ``trace`` on ``placement`` in
+    ``ep_mode`` (None: standard): the training engine's :func:`moesim.train.moe.moe_times`, with, in coherent mode,
+    the dispatch and combine of :func:`layer_copies` on the same routing window (one sample) timed by the same
+    all-to-all model, plus the KV all-gather per layer (:class:`EPMode`)."""
+    from moesim.train.moe import moe_times
+
+    mt = moe_times(cfg, system, spec, cost, trace, placement=placement)
+    if ep_mode is None or not ep_mode.coherent:
+        return mt
+    if trace is None:
+        raise ValueError("--ep-mode coherent needs routing from a trace (--trace or --request-routing)")
+    return _coherent(mt, cfg, system, spec, cost, trace, mt.placement, ep_mode)
 
 
-@dataclass
-class EPComm:
-    """Seconds of the expert-parallel token movement of one MoE layer for ``tokens`` tokens per device.
+def _coherent(mt, cfg, system, spec, cost, trace, placement: Placement, ep_mode: EPMode):
+    from hwmodels.cost import collective_model
+    from hwmodels.topology import all_to_all_routing
+    from moesim.sim import activation_bytes
+    from moesim.train.collectives import group_system
+    from moesim.train.moe import sample_steps, step_options
 
-    ``pairs``: :func:`pair_tokens` of the mode; ``routing``: the EP group's all-to-all routes
-    (:func:`hwmodels.topology.all_to_all_routing`); ``bytes_per_token``: one token's activation on the wire;
-    ``kv_bytes_per_token_layer``: KV bytes of one token in one layer (coherent mode all-gathers the new
-    tokens' KV to every device of the group once per layer; 0 to leave it out); ``replicate_kv`` False: context
-    coherence for free (no KV copies: the bound of the mode's gain). Model MoE layer j uses trace layer j mod
-    (trace layers)."""
+    if spec.routing_samples != 1:
+        raise ValueError("context-coherent expert parallelism replays one routing sample")
+    ep, etp = spec.parallel.ep, getattr(spec.parallel, "etp", 1)
+    n_moe = len(cfg.moe_layers)
+    parts, scale = sample_steps(trace, ep, mt.tokens_per_device, 1, placement.num_layers)
+    ep_system = group_system(system, ep, etp)  # as moesim.train.moe.moe_times spans the EP group
+    options = step_options(spec)
+    copies = layer_copies(parts[0], placement, ep, "coherent", options.dispatch_dedup, ep_system.devices_per_node,
+                          n_moe)
+    act = activation_bytes(cfg.to_moe_model(), options)
+    a2a, model = all_to_all_routing(ep_system), collective_model(cost, ep_system)
+    # counts scaled as moesim.train.moe scales a window, in each all-to-all's payload bytes
+    sent = {k: np.rint(copies[k] * scale) * b for k, b in (("dispatch", act.dispatch_bytes),
+                                                           ("combine", act.combine_bytes))}
+    memo: dict = {}
+    dispatch_s, combine_s = (np.array([_memo_duration(memo, model, a2a, m) for m in sent[k]])
+                             for k in ("dispatch", "combine"))
+    if ep_mode.replicate_kv and ep_mode.kv_bytes_per_token_layer > 0 and ep > 1:
+        m = np.full((ep, ep), mt.tokens_per_device * ep_mode.kv_bytes_per_token_layer)
+        np.fill_diagonal(m, 0.0)
+        combine_s = combine_s + model.duration_s(a2a, m)
+    etp_in = mt.etp_gather_s if getattr(mt, "etp_gather_s", None) is not None else 0.0  # expert TP stays as it is
+    etp_out = mt.etp_scatter_s if getattr(mt, "etp_scatter_s", None) is not None else 0.0
+    d = sent["dispatch"]
+    return dataclasses.replace(mt, dispatch_s=dispatch_s[None] + etp_in, combine_s=combine_s[None] + etp_out,
+                               dispatch_sent_bytes=(d.sum(axis=2) - np.einsum("lii->li", d)).max(axis=1)[None])
 
-    pairs: dict[str, np.ndarray]
-    routing: object
-    bytes_per_token: float
-    mode: str
-    kv_bytes_per_token_layer: float = 0.0
-    replicate_kv: bool = True  # coherent mode: every device of the group holds every request's KV
-    _memo: dict = field(default_factory=dict, repr=False)
 
-    @property
-    def num_devices(self) -> int:
-        return next(iter(self.pairs.values())).shape[1]
-
-    def layer_times_s(self, tokens_per_device: int, moe_layers: int) -> tuple[np.ndarray, np.ndarray]:
-        """(first step [moe_layers], second step [moe_layers]): dispatch, and combine (standard) or reduce +
-        return + KV all-gather (coherent), seconds."""
-        got = self._memo.get((tokens_per_device, moe_layers))
-        if got is not None:
-            return got
-        scale = tokens_per_device * self.num_devices * self.bytes_per_token
-        L = self.pairs["dispatch"].shape[0]
-        per = {k: np.array([self.routing.duration_s(v[i] * scale) for i in range(L)]) for k, v in self.pairs.items()}
-        first = per["dispatch"]
-        second = per["combine"] if self.mode == "standard" else per["reduce"] + self._gather_s(tokens_per_device)
-        idx = np.arange(moe_layers) % L
-        first, second = first[idx], second[idx].copy()
-        if self.mode == "coherent":
-            second[-1] += per["return"][L - 1]
-        self._memo[(tokens_per_device, moe_layers)] = (first, second)
-        return first, second
-
-    def _gather_s(self, tokens_per_device: int) -> float:
-        """All-gather of every device's new KV (one layer) to every other device of the group."""
-        d = self.num_devices
-        if self.kv_bytes_per_token_layer <= 0 or d == 1:
-            return 0.0
-        m = np.full((d, d), tokens_per_device * self.kv_bytes_per_token_layer)
-        return self.routing.duration_s(m)
+def _memo_duration(memo: dict, model, a2a, pair_bytes: np.ndarray) -> float:
+    key = pair_bytes.tobytes()
+    if key not in memo:
+        memo[key] = float(model.duration_s(a2a, pair_bytes))
+    return memo[key]
 
 
 def split_by_sequence(trace, fit_fraction: float = 0.5):
     """(fit, held-out) traces: the first ``fit_fraction`` of each step's sequences and the rest (placements are
-    fitted on one part and judged on the other)."""
+    fitted on one part and judged on the other), tokens renumbered 0..n-1 per step (the engines shard a step's
+    tokens over devices by index: a part with ids 1024..2047 would sit on half of them)."""
     from workloads.trace import Trace
 
     c = trace.columns
@@ -167,7 +214,7 @@ def split_by_sequence(trace, fit_fraction: float = 0.5):
     fit = seq <= cut
     if fit.all() or not fit.any():
         raise ValueError("the trace has too few sequences to split into a fitting and a held-out part")
-    return tuple(Trace(columns={k: v[m] for k, v in c.items()}, meta=trace.meta) for m in (fit, ~fit))
+    return tuple(Trace(columns={k: v[m] for k, v in c.items()}, meta=trace.meta).renumber_tokens() for m in (fit, ~fit))
 
 
 def place(trace, method: str, num_devices: int, devices_per_node: int, seed: int = 0,
@@ -185,22 +232,3 @@ def place(trace, method: str, num_devices: int, devices_per_node: int, seed: int
     placement, _ = m.place(problem, np.random.default_rng(seed), time_limit_s=time_limit_s, deterministic=True,
                            num_workers=1, seed=seed)
     return placement
-
-
-def ep_comm(cfg, system, ep: int, trace, placement: Placement, mode: str, dtype: str,
-            kv_bytes_per_token_layer: float = 0.0, eval_trace=None, replicate_kv: bool = True) -> EPComm:
-    """An :class:`EPComm` for ``cfg`` with experts placed by ``placement`` over the first ``ep`` devices of
-    ``system``, token movement measured on ``eval_trace`` (default ``trace``)."""
-    from hwmodels.collectives import a2a_payload_bytes
-    from hwmodels.topology import all_to_all_routing
-    from moesim.train.collectives import group_system
-
-    if placement.num_devices != ep:
-        raise ValueError(f"the placement spans {placement.num_devices} devices, --ep is {ep}")
-    if trace.meta.num_experts != cfg.num_experts:
-        raise ValueError(f"the trace has {trace.meta.num_experts} experts per layer, {cfg.name} {cfg.num_experts}")
-    pairs = pair_tokens(eval_trace if eval_trace is not None else trace, expert_device(placement), ep, mode)
-    routing = all_to_all_routing(group_system(system, ep))
-    return EPComm(pairs, routing, a2a_payload_bytes(1, cfg.hidden_size, dtype), mode,
-                  kv_bytes_per_token_layer if mode == "coherent" and replicate_kv else 0.0,
-                  replicate_kv=replicate_kv)

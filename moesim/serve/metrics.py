@@ -7,7 +7,10 @@ requests' prompt tokens (input) and output tokens per second, in all and per dev
 finished requests per second meeting both SLOs (TTFT <= ``slo_ttft_s`` and, for outputs over one token,
 TPOT <= ``slo_tpot_s``), and their fraction of all requests. KV per replica: ranks, capacity (per rank and
 in all), the fullest rank's peak (``peak_fraction``), mean use, host blocks for swapped KV, and the use
-over time (all ranks, and the fullest rank; at most ``kv_points`` iteration rows, evenly picked).
+over time (all ranks, and the fullest rank; at most ``kv_points`` iteration rows, evenly picked). With live KV
+spill (``--kv-offload spill``) also the spill tier's capacity, peak and use over time and ``offload``: tokens
+spilled and read back, bytes per tier path per device (mean over the pool's devices) and the seconds the spill
+transfers added beyond compute.
 Preemption: count, requests hit, evicted (recomputed) tokens and swapped-out tokens.
 """
 
@@ -93,10 +96,17 @@ def time_breakdown(result, costs: dict, samples: int = 200) -> dict:
             for k, v in cost.breakdown_s(w).items():
                 acc[k] = acc.get(k, 0.0) + v
         busy = float(it["duration_s"][rows].sum())
-        scale = busy / float(it["duration_s"][pick].sum())
+        spill = "spill_tier" in result.replicas.get(name, {})
+        if spill:  # the spill transfers' time beyond compute is known per iteration; the parts share the rest
+            wait = it["spill_wait_s"]
+            scale = (busy - float(wait[rows].sum())) / float((it["duration_s"][pick] - wait[pick]).sum())
+        else:
+            scale = busy / float(it["duration_s"][pick].sum())
+        parts = {k: v * scale for k, v in acc.items()}
+        if spill:
+            parts["KV spill wait"] = float(it["spill_wait_s"][rows].sum())
         out[name] = {"iterations": int(len(rows)), "sampled_iterations": int(len(pick)),
-                     "parts_s": {k: v * scale for k, v in acc.items()},
-                     "simulated_busy_s": busy}
+                     "parts_s": parts, "simulated_busy_s": busy}
     return out
 
 
@@ -124,7 +134,26 @@ def _kv(result, points: int) -> dict:
                                    .tolist(),
                                    "fullest_rank_fraction": (it["kv_rank_used_max_blocks"][pick] / per_rank)
                                    .astype(float).tolist()}}
+        if "spill_tier" in info:
+            out[name].update(_spill(it, rows, pick, info))
     return out
+
+
+def _spill(it: dict, rows: np.ndarray, pick: np.ndarray, info: dict) -> dict:
+    """The spill tier's part of ``kv`` for one replica (see the module docstring)."""
+    cap, ranks = info["spill_capacity_blocks_per_rank"], info["ranks"]
+    per_token = info["spill_bytes_per_token_per_device"]
+    out_tokens, read_tokens = int(it["spill_out_tokens"][rows].sum()), int(it["spill_read_tokens"][rows].sum())
+    kv_tier, tier = info["kv_tier"], info["spill_tier"]
+    return {"spill_tier": tier, "spill_capacity_blocks_per_rank": cap, "spill_capacity_blocks": cap * ranks,
+            "spill_peak_blocks_per_rank": info["spill_peak_blocks_per_rank"],
+            "spill_peak_fraction": info["spill_peak_blocks_per_rank"] / cap,
+            "spill_over_time": {"time_s": it["start_s"][pick].astype(float).tolist(),
+                                "used_blocks": it["kv_spill_used_blocks"][pick].astype(int).tolist()},
+            "offload": {"policy": "spill", "kv_tier": kv_tier, "spill_tier": tier, "spilled_tokens": out_tokens,
+                        "read_tokens": read_tokens, "wait_s": float(it["spill_wait_s"][rows].sum()),
+                        "bytes_by_path_per_device": {f"{kv_tier}->{tier}": out_tokens * per_token / ranks,
+                                                     f"{tier}->{kv_tier}": read_tokens * per_token / ranks}}}
 
 
 def _iterations(it: dict) -> dict:

@@ -8,6 +8,10 @@ change as the requests in the batch change. :meth:`RequestRouting.rows` gives th
 tokens, :meth:`RequestRouting.loads` their per-layer expert loads (one ``bincount``), :meth:`RequestRouting.trace`
 the one-step trace of those rows that the training engine's MoE phases replay
 (:meth:`moesim.serve.cost.IterationCost.rank_s`).
+
+The rows come from a captured trace or from the trace-fitted generator of ``moesim train --routing synthetic``
+(:func:`synthetic_rows_trace`: :func:`moesim.train.routing.synthetic_trace`, the generator of
+:mod:`workloads.synth` fitted to a source trace, in the served model's shape).
 """
 
 from __future__ import annotations
@@ -70,3 +74,22 @@ class RequestRouting:
     def trace(self, rows: np.ndarray) -> Trace:
         """One step of the tokens at ``rows`` (in that order), for the MoE phases to replay."""
         return dense_trace(self.ids[rows], 1, len(rows), self.meta)
+
+
+def synthetic_rows_trace(cfg, source: Trace, tokens: int, seed: int = 0) -> Trace:
+    """A dense one-step trace of ``tokens`` tokens drawn from the routing generator fitted to ``source``, in
+    ``cfg``'s shape (its routed experts and top-k, ``min(fitted layers, MoE layers)`` layers; sequences of the
+    fitted length), by the training step's :func:`moesim.train.routing.synthetic_trace` (one sample, one device's
+    window of ``tokens``). ValueError naming the flags when it cannot."""
+    from moesim.train.routing import synthetic_trace
+    from moesim.train.spec import Parallel, TrainError, TrainSpec
+
+    if tokens < 1 or tokens > MAX_ROWS:
+        raise ValueError(f"--synth-tokens must lie in 1..{MAX_ROWS}, got {tokens}")
+    try:
+        spec = TrainSpec(parallel=Parallel(tp=1, pp=1, dp=1, ep=1), seq_len=tokens, micro_batch_size=1,
+                         global_batch_size=1, routing="synthetic", routing_samples=1)
+        return synthetic_trace(cfg, spec, source, seed=seed, tokens_per_sample=tokens)
+    except TrainError as exc:
+        raise ValueError(f"--request-routing synthetic --synth-from {source.meta.model!r}: {exc}") from None
+

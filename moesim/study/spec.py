@@ -89,6 +89,11 @@ TRAIN_PARAMETERS: dict[str, Any] = {
     "offload": "none",             # none | optimizer | weights (moesim.train.offload)
     "cost": "default",             # default (the device's) | roofline | gpu-fitted
     "comm_sms": 0,                 # SMs the overlapped all-to-all holds (0: none)
+    "cp": 1, "etp": 1,             # context parallel; expert tensor parallel (moesim.train.spec.Parallel)
+    "dispatch_dedup": "auto",      # auto | none | gpu | node (moesim train --dispatch-dedup)
+    "overlap_grad_reduce": False, "overlap_param_gather": False, "tp_comm_overlap": False,  # moesim.train.overlap
+    "fp8_recipe": "delayed",       # delayed | tensorwise | blockwise | none (moesim.train.fp8)
+    "host_overhead": "eager",      # eager | cuda-graphs | none (moesim.train.host)
 }
 NONNEGATIVE_INT_KEYS = {"replicas", "layers", "comm_sms", "zero"}
 STUDY_KEYS = {"name", "description", "engine", "seed"}

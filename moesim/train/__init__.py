@@ -9,5 +9,6 @@ Modules: ``spec`` (parallel layout and step options), ``ops`` (timing of one ope
 model, forward and backward), ``collectives`` (ring/point-to-point collectives on the topology),
 ``layers`` (the operators of one transformer block and the embeddings/head), ``moe`` (the MoE part,
 through the MoE-layer cost path of :mod:`moesim.analytic`), ``pipeline`` (1F1B, interleaved and
-DualPipe-style schedules), ``memory`` (bytes per device), ``step`` (puts them together).
+DualPipe-style schedules), ``overlap`` (gradient reduction, weight gathers and TP collectives beside compute),
+``memory`` (bytes per device), ``step`` (puts them together).
 """

@@ -16,16 +16,34 @@ log-sum-exp); backward (input gradients only; the core has no weights) 2.5x the 
 backward at 2.5 times that GEMM's time: its five matmuls have the forward's shapes (inner dimension a head
 dimension or a key block), so it gets no better efficiency than the forward (FlashAttention-2, Dao 2023,
 arXiv:2307.08691: the backward reaches a lower share of peak than the forward).
+
+Context parallelism (``cp > 1``, Megatron-Core's ring attention, ``--cp-comm-type p2p``): a device holds
+``t / cp`` tokens of each micro-batch (chunks ``i`` and ``2 cp - 1 - i`` of ``2 cp``: Megatron's
+``get_batch_on_this_cp_rank``), so every operator except the attention core works on ``t / cp`` tokens.
+The core of a rank computes its local queries against all keys in ``cp`` block steps; with the two-chunk
+split each step is the same work and the rank's FLOPs are exactly ``1 / cp`` of the sequence's causal core
+(its bytes: local Q and O, every rank's K and V once). Between steps each rank sends its current K/V chunk
+(``b (s / cp) kv (d_qk + d_v)`` elements, the rank's kv heads) to the next rank of the CP group (ranks
+``tp`` apart, Megatron's order) while the step computes: the forward moves ``cp - 1`` chunks and exposes
+``(cp - 1) max(0, hop - core / cp)`` (phase ``cp_comm``); the backward re-circulates K/V and their
+gradients, ``2 (cp - 1)`` chunks in ``cp`` hops, against the backward core the same way (Megatron-LM
+``docs/source/api-guide/context_parallel.rst``: KV is gathered again in backward, KV gradients are
+reduce-scattered, both as ring point-to-point transfers; Transformer Engine's ``AttnFuncWithCPAndKVP2P``
+overlaps each step's compute with the next step's transfer and, backward, sends K/V on the first hop, K/V
+and dK/dV on the middle ones and dK/dV on the last).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hwmodels.collectives import COMM_KERNEL_SMS
+from hwmodels.cost import overlapped_cost
 from hwmodels.roofline import DTYPE_BYTES
 from hwmodels.specs import System
 from moesim.train.collectives import collective_time_s
 from moesim.train.ops import BACKWARD_INPUT, BACKWARD_WEIGHT, COMMUNICATION, FORWARD, Kernel, Op, Timer
+from moesim.train.overlap import TE_KERNEL, TE_PIPELINE_SPLITS, tp_overlap_s
 from workloads.hf_config import ModelConfig
 
 CAUSAL_FRACTION = 0.5
@@ -35,15 +53,19 @@ FP32_BYTES = 4
 
 @dataclass(frozen=True)
 class Shape:
-    """What one device computes for one micro-batch: ``b`` sequences of ``s`` tokens, tensor parallel ``tp``."""
+    """What one device computes for one micro-batch: ``b`` sequences of ``s`` tokens, tensor parallel ``tp``,
+    context parallel ``cp`` and expert tensor parallel ``etp``."""
 
     micro_batch_size: int
     seq_len: int
     tp: int
+    cp: int = 1
+    etp: int = 1
 
     @property
     def tokens(self) -> int:
-        return self.micro_batch_size * self.seq_len
+        """Tokens of the micro-batch on this context-parallel rank (all of them with ``cp = 1``)."""
+        return -(-self.micro_batch_size * self.seq_len // self.cp)
 
     @property
     def sp_tokens(self) -> int:
@@ -68,12 +90,14 @@ def attention_dims(cfg: ModelConfig, tp: int) -> tuple[int, int, int, int, int]:
 
 def core_attention_kernels(cfg: ModelConfig, sh: Shape, dtype_bytes: int) -> tuple[Kernel, Kernel]:
     """Forward and backward work of the fused causal attention core (see the module docstring); their GEMM
-    equivalents are ``[b a s, d_qk + d_v] x [d_qk + d_v, s / 2]`` (forward) and 2.5 of those (backward)."""
+    equivalents are ``[b a s / cp, d_qk + d_v] x [d_qk + d_v, s / 2]`` (forward) and 2.5 of those (backward);
+    with context parallelism one rank's share, ``1 / cp`` of the FLOPs (module docstring)."""
     heads, kv, d_qk, d_v, _ = attention_dims(cfg, sh.tp)
-    b, s = sh.micro_batch_size, sh.seq_len
-    flops = 2.0 * b * heads * s * s * (d_qk + d_v) * CAUSAL_FRACTION
-    io = b * s * (heads * d_qk + kv * d_qk + kv * d_v + heads * d_v) * dtype_bytes + b * s * heads * FP32_BYTES
-    m, n = b * heads * s, max(1, int(round(s * CAUSAL_FRACTION)))
+    b, s, cp = sh.micro_batch_size, sh.seq_len, sh.cp
+    flops = 2.0 * b * heads * s * s * (d_qk + d_v) * CAUSAL_FRACTION / cp
+    local = b * s / cp  # query tokens of this rank
+    io = (local * heads * (d_qk + d_v) + b * s * kv * (d_qk + d_v)) * dtype_bytes + local * heads * FP32_BYTES
+    m, n = -(-b * heads * s // cp), max(1, int(round(s * CAUSAL_FRACTION)))
     return (Kernel("flash_attention_fwd", flops, io, (m, n, d_qk + d_v)),
             Kernel("flash_attention_bwd", FA_BACKWARD_FLOPS_RATIO * flops, 2.0 * io, (m, n, d_qk + d_v),
                    FA_BACKWARD_FLOPS_RATIO))
@@ -93,8 +117,9 @@ def attention_linears(cfg: ModelConfig, tp: int) -> list[tuple[int, int, str]]:
                 (h, out, "attention")]
 
 
-#: phases whose forward ``selective`` recomputation re-runs in the backward pass
-SELECTIVE_RECOMPUTE_PHASES = ("norm", "attention_core", "attention_up")
+#: phases whose forward ``selective`` recomputation re-runs in the backward pass (recomputing the core under
+#: context parallelism re-runs its ring: ``cp_comm``, exposed part)
+SELECTIVE_RECOMPUTE_PHASES = ("norm", "attention_core", "attention_up", "cp_comm")
 
 
 def norm_ops(timer: Timer, layer: int, phase: str, tokens: int, width: int) -> list[Op]:
@@ -105,33 +130,93 @@ def norm_ops(timer: Timer, layer: int, phase: str, tokens: int, width: int) -> l
             timer.kernel(layer, phase, BACKWARD_INPUT, Kernel("rmsnorm_bwd", 8 * n, 3 * n * b))]
 
 
-def block_ops(cfg: ModelConfig, layer: int, sh: Shape, timer: Timer, system: System) -> list[Op]:
-    """All operators of block ``layer`` except the MoE part (attention, norms, dense FFN, TP comms)."""
+def block_ops(cfg: ModelConfig, layer: int, sh: Shape, timer: Timer, system: System, *,
+              tp_overlap: bool = False) -> list[Op]:
+    """All operators of block ``layer`` except the MoE part (attention, norms, dense FFN, TP comms); ``tp_overlap``:
+    the TP comms overlap their GEMMs as Transformer Engine's userbuffers do (:func:`tp_beside`)."""
     t, h = sh.tokens, cfg.hidden_size
+    attn = [(n, k) for n, k, _ in attention_linears(cfg, sh.tp)]
     ops = norm_ops(timer, layer, "norm", sh.sp_tokens, h)
     for n, k, phase in attention_linears(cfg, sh.tp):
         ops += timer.linear(layer, phase, t, n, k)
     fwd, bwd = core_attention_kernels(cfg, sh, DTYPE_BYTES[timer.precise_dtype])
-    ops += [timer.kernel(layer, "attention_core", FORWARD, fwd), timer.kernel(layer, "attention_core", BACKWARD_INPUT, bwd)]
-    ops += sp_comm_ops(system, layer, sh, h, timer.precise_dtype)
+    core = [timer.kernel(layer, "attention_core", FORWARD, fwd),
+            timer.kernel(layer, "attention_core", BACKWARD_INPUT, bwd)]
+    ops += core + cp_ring_ops(system, layer, sh, kv_chunk_bytes(cfg, sh, DTYPE_BYTES[timer.precise_dtype]),
+                              core[0].time_s, core[1].time_s)
+    beside = tp_beside(timer, t, [nk for nk in attn[:-1] if nk[1] == h], attn[-1], sh.tp) if tp_overlap else None
+    ops += sp_comm_ops(system, layer, sh, h, timer.precise_dtype, beside)
     ops += norm_ops(timer, layer, "norm", sh.sp_tokens, h)
     if not cfg.is_moe_layer(layer):
         f = _div(cfg.intermediate_size, sh.tp)
         ops += timer.linear(layer, "dense_ffn", t, 2 * f, h) + timer.linear(layer, "dense_ffn", t, h, f)
-        ops += sp_comm_ops(system, layer, sh, h, timer.precise_dtype)
+        beside = tp_beside(timer, t, [(2 * f, h)], (h, f), sh.tp) if tp_overlap else None
+        ops += sp_comm_ops(system, layer, sh, h, timer.precise_dtype, beside)
     return ops
 
 
-def sp_comm_ops(system: System, layer: int, sh: Shape, hidden: int, dtype: str) -> list[Op]:
-    """All-gather before and reduce-scatter after one tensor-parallel block, in both passes (tp > 1)."""
+def tp_beside(timer: Timer, tokens: int, first: list[tuple[int, int]], last: tuple[int, int], tp: int) -> tuple:
+    """The GEMMs a tensor-parallel block's SP collectives overlap under TE's userbuffers
+    (:func:`moesim.train.overlap.tp_overlap_s`): first GEMMs forward (ring exchange: chunks of ``tokens / tp`` rows),
+    their weight gradient (bulk: whole), last GEMM forward (pipelined: ``tokens / TE_PIPELINE_SPLITS`` rows), its
+    input gradient (ring exchange), each (whole, one chunk, one chunk with :data:`~moesim.train.overlap.TE_KERNEL`'s
+    SMs taken) seconds. ``first``: the (n, k) GEMMs reading the gathered input (QKV / MLA down-projections, FC1),
+    ``last``: the one whose output is reduce-scattered (projection, FC2)."""
+    slow = Timer(overlapped_cost(timer.cost, COMM_KERNEL_SMS[TE_KERNEL][0]), timer.device, timer.dtype)
+
+    def seconds(tm: Timer, shapes, rows: int, direction: str) -> float:
+        return sum(o.time_s for n, k in shapes for o in tm.linear(-1, "tp", rows, n, k) if o.direction == direction)
+
+    out = []
+    for shapes, direction, rows in ((first, FORWARD, -(-tokens // tp)), (first, BACKWARD_WEIGHT, tokens),
+                                    ([last], FORWARD, -(-tokens // TE_PIPELINE_SPLITS)),
+                                    ([last], BACKWARD_INPUT, -(-tokens // tp))):
+        chunk = seconds(timer, shapes, rows, direction)
+        # the slowed GEMM is never faster (the fitted wave model can say fewer SMs tile better; a GEMM sharing the
+        # GPU does not gain from it)
+        out.append((seconds(timer, shapes, tokens, direction), chunk, max(chunk, seconds(slow, shapes, rows, direction))))
+    return tuple(out)
+
+
+def sp_comm_ops(system: System, layer: int, sh: Shape, hidden: int, dtype: str,
+                beside: tuple | None = None) -> list[Op]:
+    """All-gather before and reduce-scatter after one tensor-parallel block, in both passes (tp > 1); with
+    ``beside`` (:func:`tp_beside`) the seconds they leave exposed next to their GEMMs
+    (:func:`moesim.train.overlap.tp_overlap_s`)."""
     if sh.tp <= 1:
         return []
     nbytes = float(sh.tokens) * hidden * DTYPE_BYTES[dtype]
     ag = collective_time_s(system, "all_gather", nbytes, sh.tp)
     rs = collective_time_s(system, "reduce_scatter", nbytes, sh.tp)
     sent = nbytes * (sh.tp - 1) / sh.tp
-    return [Op(layer, "tp_comm", FORWARD, COMMUNICATION, ag + rs, 0.0, 2 * sent),
-            Op(layer, "tp_comm", BACKWARD_INPUT, COMMUNICATION, ag + rs, 0.0, 2 * sent)]
+    fwd_s, bwd_s = (ag + rs, ag + rs) if beside is None else tp_overlap_s(ag, rs, sh.tp, *beside)
+    return [Op(layer, "tp_comm", FORWARD, COMMUNICATION, fwd_s, 0.0, 2 * sent),
+            Op(layer, "tp_comm", BACKWARD_INPUT, COMMUNICATION, bwd_s, 0.0, 2 * sent)]
+
+
+def kv_chunk_bytes(cfg: ModelConfig, sh: Shape, dtype_bytes: int) -> float:
+    """Bytes of one context-parallel rank's K and V (its ``t / cp`` tokens, its kv heads): one ring hop."""
+    _, kv, d_qk, d_v, _ = attention_dims(cfg, sh.tp)
+    return float(sh.tokens) * kv * (d_qk + d_v) * dtype_bytes
+
+
+def cp_ring_ops(system: System, layer: int, sh: Shape, chunk_bytes: float, fwd_core_s: float,
+                bwd_core_s: float) -> list[Op]:
+    """Ring attention's K/V passing (cp > 1, module docstring), each hop hidden behind one block step of the core
+    (``1 / cp`` of its time): forward ``cp - 1`` hops of one K/V chunk; backward ``cp`` hops, K/V alone on the
+    first, the accumulated dK/dV alone on the last and both on the ``cp - 2`` between (2 (cp - 1) chunks). The ops
+    carry the exposed seconds and the bytes a rank sends."""
+    if sh.cp <= 1:
+        return []
+    cp = sh.cp
+
+    def exposed(chunks: int, core_s: float) -> float:
+        return max(0.0, collective_time_s(system, "send_recv", chunks * chunk_bytes, cp, sh.tp) - core_s / cp)
+
+    fwd = (cp - 1) * exposed(1, fwd_core_s)
+    bwd = 2 * exposed(1, bwd_core_s) + (cp - 2) * exposed(2, bwd_core_s)
+    return [Op(layer, "cp_comm", FORWARD, COMMUNICATION, fwd, 0.0, (cp - 1) * chunk_bytes),
+            Op(layer, "cp_comm", BACKWARD_INPUT, COMMUNICATION, bwd, 0.0, 2 * (cp - 1) * chunk_bytes)]
 
 
 def embedding_ops(cfg: ModelConfig, sh: Shape, timer: Timer, system: System) -> list[Op]:

@@ -1,10 +1,10 @@
 """The MoE part of each MoE block, timed by the MoE-layer cost path of :mod:`moesim.analytic`.
 
 Per routing sample and MoE layer, one expert-parallel group of ``ep`` devices runs, per device
-``T = tokens / tp`` tokens (sequence-parallel shard): ``router`` -> ``dispatch`` all-to-all (with the
-``shared_ffn`` beside it) -> grouped ``expert_ffn`` -> ``combine`` all-to-all, exactly the phases and
-costs of :func:`moesim.analytic.group_costs` (the cost model's ``router``/``expert_ffn`` and the
-all-to-all over the group's links). Times are the busiest device's.
+``T = tokens / (tp * cp)`` tokens (sequence-parallel shard of the context-parallel chunk): ``router`` ->
+``dispatch`` all-to-all (with the ``shared_ffn`` beside it) -> grouped ``expert_ffn`` -> ``combine``
+all-to-all, exactly the phases and costs of :func:`moesim.analytic.group_costs` (the cost model's
+``router``/``expert_ffn`` and the all-to-all over the group's links). Times are the busiest device's.
 
 Routing:
 
@@ -29,6 +29,17 @@ Bytes per routed choice on the wire (:func:`hwmodels.collectives.a2a_payload_byt
 step's dtype (FP8 adds one fp32 scale per 128 values), the combine in BF16 under FP8 training (DeepSeek-V3
 report sec. 3.3: FP8 dispatch, BF16 combine).
 
+Expert tensor parallel (``etp > 1``, Megatron-Core's ``--expert-tensor-parallel-size``): each expert's gate/up
+projections are split by columns and its down projection by rows over ``etp`` consecutive ranks, so every GEMM of
+a choice has ``moe_intermediate_size / etp`` columns (gate/up) or rows (down): half the FLOPs per choice at
+``etp = 2``. The EP group's ranks are ``etp`` apart; after the dispatch all-to-all the ``etp`` ranks all-gather
+the choices they received (each rank then computes ``etp x`` its received choices on its slice of the width), and
+the down projection's partial sums are reduce-scattered back before the combine all-to-all, exactly the order of
+Megatron's ``MoEAlltoAllTokenDispatcher`` (``megatron/core/transformer/moe/token_dispatcher.py``:
+"permute->A2A(EP)->AG(TP)" and "RS(TP)->A2A(EP)->unpermute", its TP group being the expert TP group). Both are
+folded into the ``dispatch`` and ``combine`` phases (:func:`etp_comm_s`); the busiest device's received choices
+size them, its etp peers (other EP groups, not simulated) taken to receive as many.
+
 Backward: the input gradient of the combine is an all-to-all shaped like the dispatch and vice versa;
 expert and shared FFNs have an input-gradient and a weight-gradient grouped GEMM of the forward's
 FLOPs each (timed as one forward each); the router has its two GEMMs (see :mod:`moesim.train.ops`).
@@ -41,13 +52,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hwmodels.collectives import a2a_payload_bytes
 from hwmodels.roofline import CostModel
 from hwmodels.specs import System
 from hwmodels.topology import all_to_all_routing
 from moesim.analytic import group_costs
 from moesim.placement import Placement, contiguous
 from moesim.sim import Routed, SimOptions, activation_bytes, aggregate, check_trace_fits_model
-from moesim.train.collectives import group_system
+from moesim.train.collectives import collective_time_s, group_system
 from moesim.train.ops import precise_dtype
 from moesim.train.routing import balanced_trace
 from moesim.train.spec import REPLAYED, TrainError, TrainSpec
@@ -78,6 +90,8 @@ class MoETimes:
     expert_load: np.ndarray | None = None  # [replayed layers, experts] choices per expert, summed over samples
     placement: Placement | None = None  # the placement the trace was replayed on (None: contiguous)
     dispatch_dedup: str = "none"  # copies the all-to-all sent (SimOptions.dispatch_dedup, :func:`dispatch_dedup_of`)
+    etp_gather_s: np.ndarray | None = None  # [samples, moe_layers] ETP all-gather inside dispatch_s (etp > 1)
+    etp_scatter_s: np.ndarray | None = None  # [samples, moe_layers] ETP reduce-scatter inside combine_s (etp > 1)
 
     @property
     def num_samples(self) -> int:
@@ -213,6 +227,13 @@ def _scaled(routed: Routed, scale: float) -> Routed:
                                router_tokens=r(routed.router_tokens), num_tokens=int(round(routed.num_tokens * scale)))
 
 
+def step_options(spec: TrainSpec) -> SimOptions:
+    """The all-to-all options of the step's MoE phases: the dispatch in the step's dtype, the combine in BF16 under
+    FP8 training (module docstring), the copies of :func:`dispatch_dedup_of`."""
+    options = SimOptions(micro_batches=1, dtype=spec.dtype, combine_dtype=precise_dtype(spec.dtype))
+    return dataclasses.replace(options, dispatch_dedup=dispatch_dedup_of(options.comm_kernel, spec.dispatch_dedup))
+
+
 def moe_times(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostModel, trace: Trace | None,
               seed: int = 0, placement: Placement | None = None) -> MoETimes:
     """Forward MoE phase times of every routing sample and MoE layer of ``cfg`` (see the module docstring).
@@ -223,12 +244,13 @@ def moe_times(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostModel
     layers)`` is called with the sampled trace to build one (FSSDP's load-driven placement,
     :mod:`moesim.train.fssdp`)."""
     par = spec.parallel
-    ep_system = group_system(system, par.ep)
-    tokens = -(-spec.tokens_per_micro_batch // par.tp)
+    ep_system = group_system(system, par.ep, par.etp)  # EP ranks are etp apart (expert order etp-ep-edp)
+    tokens = -(-spec.tokens_per_micro_batch // (par.tp * par.cp))
     model = cfg.to_moe_model()
-    # the dispatch in the step's dtype, the combine in BF16 under FP8 training (module docstring)
-    options = SimOptions(micro_batches=1, dtype=spec.dtype, combine_dtype=precise_dtype(spec.dtype))
-    options = dataclasses.replace(options, dispatch_dedup=dispatch_dedup_of(options.comm_kernel, spec.dispatch_dedup))
+    if model.moe_intermediate_size % par.etp:
+        raise TrainError(f"--etp {par.etp} must divide the expert width (moe_intermediate_size "
+                         f"{model.moe_intermediate_size} of {cfg.name!r})")
+    options = step_options(spec)
     a2a = all_to_all_routing(ep_system)
     n_moe = len(cfg.moe_layers)
     if spec.routing in REPLAYED:
@@ -252,11 +274,39 @@ def moe_times(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostModel
             routed = _balanced_per_token(cfg, ep_system, model, options, tokens, seed)
         else:
             routed = balanced_routed(par.ep, tokens, cfg.num_experts_per_tok, cfg.num_experts, used)
-    gc = group_costs(ep_system, model, routed, a2a, cost, options, activation_bytes(model, options))
-    mt = _collect(gc, routed, samples, used, n_moe, tokens)
+    # expert tensor parallel: each device computes 1/etp of every local expert's width on the choices of its
+    # etp group (all-gathered after the dispatch); the all-to-all itself moves the routed choices as before
+    gathered = dataclasses.replace(routed, expert_tokens=routed.expert_tokens * par.etp)
+    sliced = dataclasses.replace(model, moe_intermediate_size=model.moe_intermediate_size // par.etp)
+    gc = group_costs(ep_system, sliced, gathered, a2a, cost, options, activation_bytes(model, options))
+    mt = _with_etp_comm(_collect(gc, routed, samples, used, n_moe, tokens), system, model.hidden_size, options, par.etp)
     load = routed.expert_tokens.sum(axis=1).reshape(samples, used, -1).sum(axis=0)
     return dataclasses.replace(mt, expert_load=load, placement=placement if spec.routing in REPLAYED else None,
                                dispatch_dedup=options.dispatch_dedup)
+
+
+def etp_comm_s(system: System, choices: float, hidden_size: int, dtype: str, etp: int) -> tuple[float, float, float]:
+    """(all-gather seconds, reduce-scatter seconds, bytes of the full gathered tensor) of one device's expert tensor
+    parallel exchange: the ``choices`` it received, ``hidden_size`` wide in ``dtype``, over ``etp`` consecutive ranks
+    (Megatron's all-to-all dispatcher: A2A(EP) -> AG(ETP) before the experts, RS(ETP) -> A2A(EP) after them)."""
+    if etp <= 1 or choices <= 0:
+        return 0.0, 0.0, 0.0
+    nbytes = a2a_payload_bytes(choices * etp, hidden_size, dtype)
+    return (collective_time_s(system, "all_gather", nbytes, etp),
+            collective_time_s(system, "reduce_scatter", nbytes, etp), nbytes)
+
+
+def _with_etp_comm(mt: MoETimes, system: System, hidden_size: int, options: SimOptions, etp: int) -> MoETimes:
+    """``mt`` with the expert-tensor-parallel all-gather folded into the dispatch (in its dtype) and the
+    reduce-scatter of the down projection's partial sums into the combine (in the combine's dtype), as Megatron's
+    dispatcher does; the busiest device's choices set both (its etp peers are taken to receive as many)."""
+    if etp <= 1:
+        return mt
+    x = mt.expert_tokens_max
+    ag = np.vectorize(lambda c: etp_comm_s(system, c, hidden_size, options.dispatch_dtype or options.dtype, etp)[0])(x)
+    rs = np.vectorize(lambda c: etp_comm_s(system, c, hidden_size, options.combine_dtype or options.dtype, etp)[1])(x)
+    return dataclasses.replace(mt, dispatch_s=mt.dispatch_s + ag, combine_s=mt.combine_s + rs, etp_gather_s=ag,
+                               etp_scatter_s=rs)
 
 
 def _check_placement(placement: Placement | None, layers: int, experts: int, ep: int) -> Placement:

@@ -14,7 +14,10 @@ communicates (``kind``) and its time, FLOPs and bytes.
   ``launch + max(flops / peak, bytes / bandwidth)`` (the formula of :class:`hwmodels.roofline.RooflineCost`).
 - FP8 training (``dtype="fp8"``) runs only the linear layers in FP8; kernels, the router and the LM head
   stay in BF16 (DeepSeek-V3 report, arXiv:2412.19437, sec. 3.3.1: embedding, output head, MoE gating,
-  normalization and attention operators keep their original precision).
+  normalization and attention operators keep their original precision). Each FP8 linear layer also gets its
+  quantization kernels (:mod:`moesim.train.fp8`, recipe ``Timer.fp8_recipe``) as memory-bound kernels (phase
+  ``fp8_cast``): the input cast in the forward, the output-gradient cast in the backward, and the weight cast
+  once per step (direction :data:`PER_STEP`, which per-micro-batch sums leave out).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from dataclasses import dataclass
 
 from hwmodels.roofline import CostModel, OpCost
 from hwmodels.specs import Device
+from moesim.train.fp8 import linear_cast_bytes
 
 FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT = "forward", "backward_input", "backward_weight"
+PER_STEP = "per_step"  # once per step, not per micro-batch (FP8 weight casts)
 COMPUTE, COMMUNICATION = "compute", "communication"
 
 
@@ -78,6 +83,7 @@ class Timer:
     cost: CostModel
     device: Device
     dtype: str
+    fp8_recipe: str = "none"  # moesim.train.fp8.FP8_RECIPES; applies when dtype is fp8
 
     @property
     def precise_dtype(self) -> str:
@@ -93,7 +99,14 @@ class Timer:
         for direction, (a, b, c) in ((FORWARD, (m, n, k)), (BACKWARD_INPUT, (m, k, n)), (BACKWARD_WEIGHT, (k, n, m))):
             oc = self.cost.gemm(self.device, a, b, c, dtype)
             out.append(Op(layer, phase, direction, COMPUTE, oc.time_s, oc.flops, oc.bytes))
+        if dtype == "fp8" and self.fp8_recipe != "none":
+            out += self.fp8_casts(layer, linear_cast_bytes(m, n, k, self.fp8_recipe))
         return out
+
+    def fp8_casts(self, layer: int, nbytes: tuple[float, float, float]) -> list[Op]:
+        """Memory-bound FP8 cast kernels of (forward, backward, per-step weight) bytes, phase ``fp8_cast``."""
+        return [self.kernel(layer, "fp8_cast", direction, Kernel(f"fp8_cast_{direction}", 0.0, b))
+                for direction, b in zip((FORWARD, BACKWARD_INPUT, PER_STEP), nbytes) if b > 0]
 
     def kernel(self, layer: int, phase: str, direction: str, k: Kernel) -> Op:
         oc = kernel_cost(self.cost, self.device, k, self.precise_dtype)

@@ -8,8 +8,10 @@ j mod that, as trace replay does). Each step has ``ep * S`` tokens, ``S = min(to
 tokens_per_sample // ep)``: the window :func:`moesim.train.moe.sample_trace` cuts, so every generated
 token is replayed once and counts are scaled by ``T / S`` exactly as for a captured trace. Seeded: the same
 seed gives the same routing; steps differ from each other by the generator's sampling (its step-to-step
-drift is sampling noise only; a captured trace carries the real drift). The generator does not know the
-model's group limit (``n_group``/``topk_group``): synthetic routing is not group-limited.
+drift is sampling noise only; a captured trace carries the real drift). A model with group-limited routing
+(``n_group``/``topk_group``, DeepSeek-V2/V3) gets it in the generator too: each token's experts in at most
+``topk_group`` groups (:func:`workloads.synth.group_limited_top_k`, the groups drawn by weight; the calibration
+makes up for the loads the limit moves).
 
 ``routing="balanced"`` with per-token copies (:func:`balanced_trace`): every expert gets the same tokens and
 each token's experts respect the model's group limit (:func:`group_limited_balanced`).
@@ -23,6 +25,7 @@ import numpy as np
 
 from moesim.train.spec import TrainError, TrainSpec
 from workloads.hf_config import ModelConfig
+from workloads.synth import check_group_limit
 from workloads.trace import Trace, TraceMeta
 
 DEFAULT_TOKENS_PER_SAMPLE = 8192  # as many tokens per routed micro-batch as the documented table replays
@@ -45,7 +48,8 @@ def synthetic_trace(cfg: ModelConfig, spec: TrainSpec, source: Trace, *, seed: i
         layers = min(model.num_layers, len(cfg.moe_layers))
         trace = synth.generate(model, ep * per, num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
                                num_layers=layers, num_steps=spec.routing_samples, seed=seed,
-                               model_name=f"synthetic ({source.meta.model})")
+                               model_name=f"synthetic ({source.meta.model})", n_group=cfg.n_group,
+                               topk_group=cfg.topk_group)
     except ValueError as exc:
         raise TrainError(f"--routing synthetic: cannot fit or generate from {source.meta.model!r}: {exc}") from None
     extra = {**trace.meta.extra, "fitted_to": source.meta.source, "tokens_per_sample": ep * per}
@@ -64,10 +68,11 @@ def group_limited_balanced(num_tokens: int, num_experts: int, top_k: int, n_grou
     token to token) from a cycle over a random order of the group's experts. Within a group every expert gets the
     same picks up to one; groups get equal picks (exactly, when tokens x slots is a multiple of ``n_group``) when
     ``topk_group`` divides ``top_k`` (DeepSeek-V2/V3), else nearly equal."""
-    if num_experts % n_group or not 1 <= topk_group <= n_group:
-        raise TrainError(f"n_group {n_group} must divide the {num_experts} experts and be >= topk_group "
-                         f"{topk_group} >= 1")
-    size, slots = num_experts // n_group, min(topk_group, top_k)
+    try:
+        size = check_group_limit(num_experts, top_k, n_group, topk_group)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    slots = min(topk_group, top_k)
     if -(-top_k // slots) > size:
         raise TrainError(f"top-{top_k} over at most {topk_group} groups of {size} experts: a group would need "
                          f"{-(-top_k // slots)} distinct experts")

@@ -1,11 +1,20 @@
 """What a training step runs: the parallel layout and the step's options.
 
-Rank layout (Megatron order, fastest first): tensor parallel ``tp``, then data parallel ``dp``, then
-pipeline ``pp``; world = tp x dp x pp. Expert parallelism uses expert tensor parallel size 1 (as
-DeepSeek-V3 and Megatron's recommended MoE setting): the ``ep`` ranks of an expert group are
-consecutive ranks of the tp x dp plane, so ``ep`` divides ``tp * dp`` and the experts are replicated
-over ``tp * dp / ep`` expert-data-parallel ranks. With ``tp > 1`` sequence parallelism is on: norms,
-the MoE block and pipeline messages see ``tokens / tp`` tokens per device.
+Rank layout (Megatron order ``tp-cp-ep-dp-pp``, fastest first): tensor parallel ``tp``, context parallel ``cp``,
+data parallel ``dp``, then pipeline ``pp``; world = tp x cp x dp x pp (Megatron-LM
+``docs/source/api-guide/context_parallel.rst``: "the total number of GPUs equals TPxCPxPPxDP"). With
+``tp > 1`` sequence parallelism is on: norms, the MoE block and pipeline messages see
+``tokens / (cp * tp)`` tokens per device. Context parallelism splits every sequence over the ``cp`` ranks
+(each holds two of ``2 cp`` chunks, Megatron's causal load balance, so ``seq_len`` is a multiple of
+``2 cp``); dense gradients are reduced and ZeRO-sharded over the ``dp x cp`` ranks that hold the same
+dense parameters (:attr:`Parallel.dense_dp`).
+
+The expert side folds the same ``tp x cp x dp`` ranks of a pipeline stage into expert tensor parallel
+``etp`` (fastest), expert parallel ``ep``, then expert data parallel ``tp * cp * dp / (ep * etp)``
+(Megatron-Core's MoE parallel folding: ``megatron/core/parallel_state.py`` builds the expert rank
+generator with ``expert_data_parallel_size = world_size // (ETP x EP x PP)`` and fails when it does not
+divide; arXiv:2504.14960). ``etp`` defaults to 1 (DeepSeek-V3's setting; Megatron's own default ties
+``--expert-tensor-parallel-size`` to ``--tensor-model-parallel-size``).
 """
 
 from __future__ import annotations
@@ -13,6 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from moesim.train.fp8 import FP8_RECIPES
+from moesim.train.host import HOST_OVERHEAD
 
 SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipe-bidir")
 DUALPIPES = ("dualpipe", "dualpipe-bidir")  # schedules that keep two copies of the parameters
@@ -34,7 +46,9 @@ class Parallel:
     """Parallel layout. ``zero``: ZeRO stage 0-3 of the data-parallel ranks (3 = FSDP-style full sharding);
     ``virtual_stages``: model chunks per pipeline rank for the interleaved schedule;
     ``first_stage_layers`` / ``last_stage_layers``: blocks of the first and last model chunk (0: an even
-    split; Megatron's ``--decoder-first/last-pipeline-num-layers``), the rest split evenly."""
+    split; Megatron's ``--decoder-first/last-pipeline-num-layers``), the rest split evenly; ``cp``: context
+    parallel size (Megatron's ``--context-parallel-size``); ``etp``: expert tensor parallel size
+    (``--expert-tensor-parallel-size``): each expert's gate/up columns and down rows split over ``etp`` ranks."""
 
     tp: int = 1
     pp: int = 1
@@ -44,21 +58,32 @@ class Parallel:
     virtual_stages: int = 1
     first_stage_layers: int = 0
     last_stage_layers: int = 0
+    cp: int = 1
+    etp: int = 1
 
     def __post_init__(self):
-        for name in ("tp", "pp", "dp", "ep", "virtual_stages"):
+        for name in ("tp", "pp", "dp", "ep", "virtual_stages", "cp", "etp"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.first_stage_layers < 0 or self.last_stage_layers < 0:
             raise TrainError("--first-stage-layers and --last-stage-layers must be >= 0")
         if self.zero not in (0, 1, 2, 3):
             raise TrainError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
-        if (self.tp * self.dp) % self.ep:
-            raise TrainError(f"--ep {self.ep} must divide tp x dp = {self.tp * self.dp} (expert tensor parallel size 1)")
+        plane = self.tp * self.cp * self.dp
+        if plane % (self.ep * self.etp):
+            raise TrainError(f"--ep {self.ep} x --etp {self.etp} = {self.ep * self.etp} must divide --tp x --cp x --dp "
+                             f"= {self.tp} x {self.cp} x {self.dp} = {plane} (the expert side folds ep x etp x "
+                             "expert-dp onto the same ranks)")
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
+
+    @property
+    def dense_dp(self) -> int:
+        """Ranks holding the same dense parameters, over which their gradients are reduced and ZeRO shards
+        them: dp x cp (Megatron's data-parallel group with context parallel)."""
+        return self.dp * self.cp
 
     def chunks(self, num_layers: int) -> tuple[tuple[int, ...], ...]:
         """Blocks of each model chunk q = c * pp + s (pp x virtual_stages chunks, in model order)."""
@@ -76,8 +101,8 @@ class Parallel:
 
     @property
     def expert_dp(self) -> int:
-        """Replicas of each expert: ranks of the tp x dp plane / ep."""
-        return self.tp * self.dp // self.ep
+        """Replicas of each expert shard: ranks of the tp x cp x dp plane / (ep x etp)."""
+        return self.tp * self.cp * self.dp // (self.ep * self.etp)
 
 
 @dataclass(frozen=True)
@@ -93,7 +118,15 @@ class TrainSpec:
     planned from). ``offload``: ``optimizer`` keeps Adam's states
     in the tier behind HBM, ``weights`` the weights too (:mod:`moesim.train.offload`). ``dispatch_dedup``:
     copies the MoE all-to-all sends per token (``moesim.sim.SimOptions.dispatch_dedup``); ``auto``: by the
-    comm kernel (:func:`moesim.train.moe.dispatch_dedup_of`).
+    comm kernel (:func:`moesim.train.moe.dispatch_dedup_of`). ``overlap_grad_reduce``,
+    ``overlap_param_gather``, ``tp_comm_overlap``: Megatron's ``--overlap-grad-reduce`` (bucketed gradient
+    reduction during the last micro-batch's backward), ``--overlap-param-gather`` (ZeRO-1/2's weight all-gather
+    during the next step's forward) and ``--tp-comm-overlap`` (Transformer Engine's userbuffers: sequence-parallel
+    all-gather / reduce-scatter in chunks beside the adjacent GEMM); all off by default, as in Megatron
+    (:mod:`moesim.train.overlap`). ``fp8_recipe``: the FP8 quantization kernels of ``dtype="fp8"``
+    (:mod:`moesim.train.fp8`; Megatron's ``--fp8-recipe`` names, default ``delayed`` as Megatron's; ``none``: not
+    modelled). ``host_overhead``: host launch time the GPU waits for after each MoE dispatch's host sync
+    (:mod:`moesim.train.host`): ``eager`` (Megatron's default, no CUDA graphs), ``cuda-graphs`` or ``none``.
     """
 
     parallel: Parallel
@@ -109,10 +142,19 @@ class TrainSpec:
     offload: str = "none"
     fssdp_plan: str = "oracle"
     dispatch_dedup: str = "auto"
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    tp_comm_overlap: bool = False
+    fp8_recipe: str = "delayed"
+    host_overhead: str = "eager"
 
     def __post_init__(self):
         if self.seq_len < 1 or self.micro_batch_size < 1:
             raise TrainError("--seq-len and --micro-batch-size must be >= 1")
+        cp = self.parallel.cp
+        if cp > 1 and self.seq_len % (2 * cp):
+            raise TrainError(f"--seq-len {self.seq_len} must be a multiple of 2 x --cp = {2 * cp} (each "
+                             "context-parallel rank holds two sequence chunks, Megatron's causal load balance)")
         per = self.micro_batch_size * self.parallel.dp
         if self.global_batch_size < per or self.global_batch_size % per:
             raise TrainError(f"--global-batch-size {self.global_batch_size} must be a positive multiple of "
@@ -127,10 +169,17 @@ class TrainSpec:
             raise TrainError(f"--expert-mode must be one of {', '.join(EXPERT_MODES)}, got {self.expert_mode!r}")
         if self.fssdp_plan not in FSSDP_PLANS:
             raise TrainError(f"--fssdp-plan must be one of {', '.join(FSSDP_PLANS)}, got {self.fssdp_plan!r}")
+        if self.expert_mode == "fssdp" and self.parallel.etp > 1:
+            raise TrainError(f"--expert-mode fssdp materialises whole experts: it needs --etp 1, "
+                             f"got {self.parallel.etp}")
         if self.offload not in OFFLOAD:
             raise TrainError(f"--offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
         if self.routing_samples < 1:
             raise TrainError("routing_samples must be >= 1")
+        for flag, value, known in (("--fp8-recipe", self.fp8_recipe, FP8_RECIPES),
+                                   ("--host-overhead", self.host_overhead, HOST_OVERHEAD)):
+            if value not in known:
+                raise TrainError(f"{flag} must be one of {', '.join(known)}, got {value!r}")
         if self.dispatch_dedup not in DISPATCH_DEDUP:
             raise TrainError(f"--dispatch-dedup must be one of {', '.join(DISPATCH_DEDUP)}, "
                              f"got {self.dispatch_dedup!r}")

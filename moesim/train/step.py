@@ -1,18 +1,23 @@
 """One training step of a whole model: per-micro-batch stage times -> pipeline schedule -> gradient
 synchronisation -> optimizer step; memory per device; phases and MFU.
 
-``step_time_s = pipeline makespan + grad_sync + optimizer + fssdp_comm`` (the last only with
-``expert_mode="fssdp"``: the once-per-step sparse all-gather and reduce-scatter of :mod:`moesim.train.fssdp`;
+``step_time_s = pipeline makespan + grad_sync + optimizer + fssdp_comm + fp8_weight_cast`` (the FP8 weight casts,
+once per step, of the slowest stage: :mod:`moesim.train.fp8`; each MoE layer's forward and backward also carry
+its experts' FP8 casts and the host time waited after its dispatch sync, :mod:`moesim.train.overheads`; fssdp_comm
+only with ``expert_mode="fssdp"``: the once-per-step sparse all-gather and reduce-scatter of :mod:`moesim.train.fssdp`;
 ``offload="optimizer"`` or ``"weights"`` makes the optimizer term the offloaded one of :mod:`moesim.train.offload`;
 ``"weights"`` also streams each layer's weights from there before its forward and its backward, overlapped with
 the layer's compute like ZeRO-3's gathers). Gradient synchronisation after the
-pipeline flush is not overlapped with the backward pass (Megatron's default; ``--overlap-grad-reduce``
-is not modelled): ZeRO 0 all-reduces the gradients, ZeRO 1/2 reduce-scatter them and all-gather the
+pipeline flush is not overlapped with the backward pass by default (Megatron's default; with
+``overlap_grad_reduce`` only what the bucketed reduction leaves past the pipeline counts, with
+``overlap_param_gather`` ZeRO 1/2's weight all-gather waits in the next step's first forwards instead:
+:mod:`moesim.train.overlap`): ZeRO 0 all-reduces the gradients, ZeRO 1/2 reduce-scatter them and all-gather the
 updated bf16 weights; ZeRO 3 instead all-gathers each layer's weights before its forward and backward
 and reduce-scatters its gradients, every micro-batch, prefetched so that they overlap the layer's
-compute (only what exceeds the compute waits). Dense gradients go over the ``dp`` ranks
-of a tensor-parallel rank (stride ``tp``), expert gradients over the expert-data-parallel replicas
-(stride ``ep``). The Adam step is bytes-bound: :data:`ADAM_BYTES_PER_PARAM` per local parameter.
+compute (only what exceeds the compute waits). Dense gradients go over the ``dp x cp`` ranks
+of a tensor-parallel rank (stride ``tp``; Megatron reduces over the data-parallel group with context parallel),
+expert gradients over the expert-data-parallel replicas (stride ``ep x etp``). The Adam step is bytes-bound:
+:data:`ADAM_BYTES_PER_PARAM` per local parameter.
 
 MFU (PaLM's definition): model FLOPs / (step time x devices x peak of the dtype), with model FLOPs =
 3 x the forward FLOPs of every linear layer, router, expert (top-k choices per token), the LM head and
@@ -21,11 +26,13 @@ the causal attention core (half of the full ``s^2`` products); recomputation is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from moebase.units import GB
+from hwmodels.collectives import COMM_KERNEL_SMS
+from hwmodels.cost import overlapped_cost
 from hwmodels.roofline import DTYPE_BYTES, CostModel, gemm_flops
 from hwmodels.specs import System
 from moesim.placement import Placement
@@ -36,9 +43,12 @@ from moesim.train.fssdp import FssdpComm, expert_params, fssdp_comm, placement_f
 from moesim.train.layers import (SELECTIVE_RECOMPUTE_PHASES, Shape, attention_linears, block_ops, core_attention_kernels,
                                  embedding_ops, head_ops)
 from moesim.train.moe import MoETimes, moe_times
-from moesim.train.ops import (BACKWARD_INPUT, BACKWARD_WEIGHT, COMMUNICATION, COMPUTE, FORWARD, Kernel, Op, Timer,
-                              kernel_cost)
+from moesim.train.ops import (BACKWARD_INPUT, BACKWARD_WEIGHT, COMMUNICATION, COMPUTE, FORWARD, PER_STEP, Kernel, Op,
+                              Timer, kernel_cost)
+from moesim.train.overheads import MoEOverheads, moe_overheads
+from moesim.train.overlap import NCCL_KERNEL, bucket_fractions, gather_before_compute_s, reduce_beside_compute
 from moesim.train.pipeline import Timeline, run_schedule
+from moesim.train.timeline import gradient_slots
 from moesim.train.spec import DUALPIPES, REPLAYED, TrainError, TrainSpec
 from workloads.hf_config import ModelConfig
 from workloads.trace import Trace
@@ -111,6 +121,7 @@ class _Ctx:
     moe: MoETimes | None
     moe_ordinal: dict
     fssdp: FssdpComm | None = None
+    overheads: MoEOverheads | None = None  # FP8 expert casts, host exposure (moesim.train.overheads)
 
 
 def simulate_step(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostModel, *,
@@ -124,31 +135,45 @@ def simulate_step(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostM
     static = _block_ops_all(ctx)
     static[-1] = embedding_ops(cfg, ctx.shape, ctx.timer, system)
     static[cfg.num_hidden_layers] = head_ops(cfg, ctx.shape, ctx.timer, system)
+    if ctx.moe is not None:
+        ctx = replace(ctx, overheads=moe_overheads(cfg, spec, ctx.timer, ctx.moe, static[cfg.moe_layers[0]]))
     router_bwd = _router_backward(ctx)
     fwd, bwd, fwd_comm, bwd_comm, wgt = _chunk_times(ctx, static, router_bwd)
     params = _stage_params(ctx)
     p2p_s = _p2p_s(ctx)
     par = spec.parallel
     tl = run_schedule(spec.schedule, fwd, bwd, p2p_s, par.pp, par.virtual_stages, fwd_comm, bwd_comm, wgt)
-    sync_s = max(_grad_sync_s(ctx, pc) for pc in params)
+    gather = _param_gather_s(ctx, fwd, tl)  # overlap_param_gather: first forwards wait for their weights
+    if gather.any():
+        fwd[:, 0] += gather
+        fwd_comm[:, 0] += gather
+        tl = run_schedule(spec.schedule, fwd, bwd, p2p_s, par.pp, par.virtual_stages, fwd_comm, bwd_comm, wgt)
+    sync_s = _grad_sync_exposed_s(ctx, params, tl)
     opt_s = max(_optimizer_s(ctx, pc) for pc in params)
     fssdp_s = max(_fssdp_stage_s(ctx, s) for s in range(par.pp))
-    step_s = tl.makespan_s + sync_s + opt_s + fssdp_s
+    cast_s = max(_weight_cast_s(ctx, static, s) for s in range(par.pp))
+    step_s = tl.makespan_s + sync_s + opt_s + fssdp_s + cast_s
     memory, per_stage = _memory(ctx, params, tl, check_memory)
     flops = 3.0 * model_flops_per_micro_batch(cfg, spec.micro_batch_size, spec.seq_len) * spec.num_micro_batches * par.dp
     peak = system.device.peak(spec.dtype) * system.num_devices
     phases = _phases(ctx, static, router_bwd, tl, p2p_s, sync_s, opt_s)
+    if gather.any():
+        phases.append(_record(None, "param_gather", FORWARD, COMMUNICATION, float(gather.sum())))
     breakdown = {"pipeline_s": tl.makespan_s, "grad_sync_s": sync_s, "optimizer_s": opt_s,
                  "bubble_fraction": tl.bubble_fraction, "p2p_s": p2p_s,
                  "moe_imbalance_mean": float(ctx.moe.imbalance.mean()) if ctx.moe is not None else 1.0,
-                 "fssdp_comm_s": fssdp_s, "fssdp_bytes_per_step": _fssdp_bytes(ctx)}
+                 "fssdp_comm_s": fssdp_s, "fssdp_bytes_per_step": _fssdp_bytes(ctx),
+                 "fp8_weight_cast_s": cast_s}
     meta = {"model": cfg.name, "model_source": cfg.source, "system": system.name, "device": system.device.name,
             "num_devices": system.num_devices, "tp": par.tp, "pp": par.pp, "dp": par.dp, "ep": par.ep, "zero": par.zero,
+            "cp": par.cp, "etp": par.etp,
             "virtual_stages": par.virtual_stages, "schedule": spec.schedule, "recompute": spec.recompute,
             "seq_len": spec.seq_len, "micro_batch_size": spec.micro_batch_size, "global_batch_size": spec.global_batch_size,
             "micro_batches": spec.num_micro_batches, "layers": cfg.num_hidden_layers, "dtype": spec.dtype,
             "routing": spec.routing, "expert_mode": spec.expert_mode, "fssdp_plan": spec.fssdp_plan,
-            "offload": spec.offload,
+            "offload": spec.offload, "fp8_recipe": spec.fp8_recipe, "host_overhead": spec.host_overhead,
+            "overlap_grad_reduce": spec.overlap_grad_reduce,
+            "overlap_param_gather": spec.overlap_param_gather, "tp_comm_overlap": spec.tp_comm_overlap,
             "dispatch_dedup": ctx.moe.dispatch_dedup if ctx.moe is not None else "none",
             "collectives": describe_collectives(system),
             "cost_model": getattr(cost, "name", type(cost).__name__)}
@@ -161,11 +186,11 @@ def simulate_step(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostM
 def _context(cfg, system, spec, cost, trace, seed, placement) -> _Ctx:
     par = spec.parallel
     if par.world != system.num_devices:
-        raise TrainError(f"tp x pp x dp = {par.tp} x {par.pp} x {par.dp} = {par.world} devices, but system "
-                         f"{system.name!r} has {system.num_devices} (set --nodes or the layout)")
-    if par.ep > 1 and not cfg.is_moe:
-        raise TrainError(f"--ep {par.ep} needs MoE blocks; {cfg.name!r} has none in its {cfg.num_hidden_layers} "
-                         f"simulated layers")
+        raise TrainError(f"tp x cp x pp x dp = {par.tp} x {par.cp} x {par.pp} x {par.dp} = {par.world} devices, "
+                         f"but system {system.name!r} has {system.num_devices} (set --nodes or the layout)")
+    if par.ep * par.etp > 1 and not cfg.is_moe:
+        raise TrainError(f"--ep {par.ep} / --etp {par.etp} need MoE blocks; {cfg.name!r} has none in its "
+                         f"{cfg.num_hidden_layers} simulated layers")
     if trace is not None and spec.routing not in REPLAYED:
         raise TrainError(f"a trace was given but routing is {spec.routing!r}; set routing='trace' to replay it")
     chunks = par.chunks(cfg.num_hidden_layers)
@@ -178,8 +203,8 @@ def _context(cfg, system, spec, cost, trace, seed, placement) -> _Ctx:
     moe = moe_times(cfg, system, spec, cost, trace, seed, placement) if cfg.is_moe else None
     comm = fssdp_comm(system, cfg, moe.expert_load, moe.placement, par.ep, mem.WEIGHT_BYTES, mem.GRAD_BYTES) \
         if fssdp else None
-    return _Ctx(cfg, system, spec, Timer(cost, system.device, spec.dtype),
-                Shape(spec.micro_batch_size, spec.seq_len, par.tp), chunks, moe,
+    return _Ctx(cfg, system, spec, Timer(cost, system.device, spec.dtype, spec.fp8_recipe),
+                Shape(spec.micro_batch_size, spec.seq_len, par.tp, par.cp, par.etp), chunks, moe,
                 {layer: j for j, layer in enumerate(cfg.moe_layers)}, comm)
 
 
@@ -191,7 +216,7 @@ def _block_ops_all(ctx: _Ctx) -> dict[int, list[Op]]:
     for layer in range(cfg.num_hidden_layers):
         kind = cfg.is_moe_layer(layer)
         if kind not in first:
-            first[kind] = block_ops(cfg, layer, ctx.shape, ctx.timer, ctx.system)
+            first[kind] = block_ops(cfg, layer, ctx.shape, ctx.timer, ctx.system, tp_overlap=ctx.spec.tp_comm_overlap)
         out[layer] = [dataclasses.replace(o, layer=layer) for o in first[kind]]
     return out
 
@@ -212,6 +237,9 @@ def _moe_layer(ctx: _Ctx, j: int, i: int, router_bwd: list[Op]) -> tuple[float, 
     fwd = r + max(d, sh) + e + c
     bwd = d + 2 * e + max(c, sh) + sh + sum(o.time_s for o in router_bwd)
     wgt = e + sh + sum(o.time_s for o in router_bwd if o.direction == BACKWARD_WEIGHT)
+    ov = ctx.overheads
+    if ov is not None:
+        fwd, bwd = fwd + ov.cast_fwd_s[g, j] + ov.host_s[g, j], bwd + ov.cast_bwd_s[g, j]
     return fwd, bwd, d + c, d + c, wgt
 
 
@@ -250,14 +278,14 @@ def _chunk_times(ctx: _Ctx, static: dict, router_bwd: list[Op]):
 def _layer_params(ctx: _Ctx, layer: int) -> mem.ParamCount:
     par = ctx.spec.parallel
     if 0 <= layer < ctx.cfg.num_hidden_layers:
-        return mem.block_params(ctx.cfg, layer, par.tp, par.ep)
+        return mem.block_params(ctx.cfg, layer, par.tp, par.ep, par.etp)
     return mem.embedding_params(ctx.cfg, par.tp, first=layer < 0, last=layer >= 0)
 
 
 def _local_weights(ctx: _Ctx, pc: mem.ParamCount) -> float:
     """Weights a device holds of ``pc``: all of them, or its ZeRO-3 shard."""
     par = ctx.spec.parallel
-    return pc.dense + pc.expert if par.zero < 3 else pc.dense / par.dp + pc.expert / par.expert_dp
+    return pc.dense + pc.expert if par.zero < 3 else pc.dense / par.dense_dp + pc.expert / par.expert_dp
 
 
 def _weight_fetch_s(ctx: _Ctx, layer: int) -> float:
@@ -290,15 +318,15 @@ def _stage_params(ctx: _Ctx) -> list[mem.ParamCount]:
         pc = mem.embedding_params(cfg, par.tp, first=s == 0, last=s == par.pp - 1)
         for q in range(s, len(ctx.chunks), par.pp):
             for layer in ctx.chunks[q]:
-                pc = pc + mem.block_params(cfg, layer, par.tp, par.ep)
+                pc = pc + mem.block_params(cfg, layer, par.tp, par.ep, par.etp)
         out.append(pc)
     return out
 
 
 def _sync(ctx: _Ctx, kind: str, pc: mem.ParamCount, bytes_per_param: int) -> float:
     par = ctx.spec.parallel
-    return (collective_time_s(ctx.system, kind, pc.dense * bytes_per_param, par.dp, par.tp)
-            + collective_time_s(ctx.system, kind, pc.expert * bytes_per_param, par.expert_dp, par.ep))
+    return (collective_time_s(ctx.system, kind, pc.dense * bytes_per_param, par.dense_dp, par.tp)
+            + collective_time_s(ctx.system, kind, pc.expert * bytes_per_param, par.expert_dp, par.ep * par.etp))
 
 
 def _stage_moe_layers(ctx: _Ctx, s: int) -> list[int]:
@@ -326,19 +354,126 @@ def _fssdp_bytes(ctx: _Ctx) -> float:
 
 
 def _grad_sync_s(ctx: _Ctx, pc: mem.ParamCount) -> float:
+    """Gradient synchronisation of ``pc`` after the pipeline flush; ZeRO 1/2's weight all-gather is not here with
+    ``overlap_param_gather`` (it waits in the next step's forward, :func:`_param_gather_s`)."""
     zero = ctx.spec.parallel.zero
     if zero == 0:
         return _sync(ctx, "all_reduce", pc, mem.GRAD_BYTES)
     if zero in (1, 2):
-        return _sync(ctx, "reduce_scatter", pc, mem.GRAD_BYTES) + _sync(ctx, "all_gather", pc, mem.WEIGHT_BYTES)
+        gather = 0.0 if ctx.spec.overlap_param_gather else _sync(ctx, "all_gather", pc, mem.WEIGHT_BYTES)
+        return _sync(ctx, "reduce_scatter", pc, mem.GRAD_BYTES) + gather
     return 0.0
+
+
+def _reduce_kind(ctx: _Ctx) -> str:
+    return "all_reduce" if ctx.spec.parallel.zero == 0 else "reduce_scatter"
+
+
+def _grad_sync_exposed_s(ctx: _Ctx, params: list[mem.ParamCount], tl: Timeline) -> float:
+    """Seconds gradient synchronisation adds after the pipeline: all of it (the slowest stage's), or with
+    ``overlap_grad_reduce`` (ZeRO 0-2) what each stage's bucketed reduction leaves past the pipeline's end
+    (:mod:`moesim.train.overlap`), plus ZeRO 1/2's weight all-gather after it."""
+    if not ctx.spec.overlap_grad_reduce or ctx.spec.parallel.zero == 3:
+        return max(_grad_sync_s(ctx, pc) for pc in params)
+    kind, slowdown = _reduce_kind(ctx), _compute_slowdown(ctx, NCCL_KERNEL)
+    end = tl.makespan_s
+    for s, pc in enumerate(params):
+        after = _grad_sync_s(ctx, pc) - _sync(ctx, kind, pc, mem.GRAD_BYTES)  # the all-gather, if any
+        end = max(end, _stage_reduce_end_s(ctx, tl, s, kind, slowdown) + after)
+    return float(end - tl.makespan_s)
+
+
+def _stage_reduce_end_s(ctx: _Ctx, tl: Timeline, s: int, kind: str, slowdown: float) -> float:
+    """When stage ``s``'s compute and bucketed gradient reduction both end: each chunk's buckets fill evenly over
+    the slot of its last weight-gradient backward and are reduced one at a time beside the stage's compute."""
+    grads = gradient_slots(tl, s)
+    if not grads:
+        return 0.0
+    slots = sorted((sl for sl in tl.slots if sl.stage == s and sl.start_at_s >= grads[0].start_at_s),
+                   key=lambda sl: sl.start_at_s)
+    offsets = dict(zip(map(id, slots), np.cumsum([0.0] + [sl.end_at_s - sl.start_at_s for sl in slots])))
+    ready, comm = [], []
+    for sl in grads:
+        q = _slot_chunk(ctx, s, sl.chunk)
+        if q is None:
+            continue
+        pc = _chunk_params(ctx, q)
+        fractions = bucket_fractions(pc.dense + pc.expert, ctx.spec.parallel.dense_dp)
+        ready += list(offsets[id(sl)] + (sl.end_at_s - sl.start_at_s) * np.cumsum(fractions))
+        comm += [_sync(ctx, kind, _scaled(pc, f), mem.GRAD_BYTES) for f in fractions]
+    segments = [(sl.start_at_s, sl.end_at_s - sl.start_at_s) for sl in slots]
+    return max(reduce_beside_compute(segments, ready, comm, slowdown))
+
+
+def _param_gather_s(ctx: _Ctx, fwd: np.ndarray, tl: Timeline) -> np.ndarray:
+    """[chunks] seconds the first forward of each chunk waits for its bucketed weight all-gathers
+    (``overlap_param_gather``, ZeRO 1/2; :mod:`moesim.train.overlap`): a stage's gathers run back to back from the
+    step's start, chunk by chunk in the order ``tl`` first runs them; zeros otherwise."""
+    par = ctx.spec.parallel
+    out = np.zeros(fwd.shape[0])
+    if not ctx.spec.overlap_param_gather or par.zero not in (1, 2):
+        return out
+    slowdown = _compute_slowdown(ctx, NCCL_KERNEL)
+    first: dict[tuple[int, int], float] = {}  # (stage, chunk) -> start of its first forward
+    for sl in tl.slots:
+        q = _slot_chunk(ctx, sl.stage, sl.chunk) if sl.what == "F" else None
+        if q is not None and sl.start_at_s < first.get((sl.stage, q), np.inf):
+            first[(sl.stage, q)] = sl.start_at_s
+    stream = dict.fromkeys(range(par.pp), 0.0)  # when each stage's gather stream is free
+    for (s, q), start in sorted(first.items(), key=lambda kv: kv[1]):
+        pc = _chunk_params(ctx, q)
+        fractions = bucket_fractions(pc.dense + pc.expert, par.dense_dp)
+        gathers = [_sync(ctx, "all_gather", _scaled(pc, f), mem.WEIGHT_BYTES) for f in fractions]
+        out[q] = gather_before_compute_s(gathers, float(fwd[q, 0]), fractions, slowdown, start - stream[s])
+        stream[s] += sum(gathers)
+    return out
+
+
+def _chunk_params(ctx: _Ctx, q: int) -> mem.ParamCount:
+    """Parameters of model chunk ``q`` on one device (with the embedding / LM head on the first / last chunk)."""
+    pc = mem.embedding_params(ctx.cfg, ctx.spec.parallel.tp, first=q == 0, last=q == len(ctx.chunks) - 1)
+    for layer in ctx.chunks[q]:
+        pc = pc + _layer_params(ctx, layer)
+    return pc
+
+
+def _slot_chunk(ctx: _Ctx, s: int, chunk: int) -> int | None:
+    """Model chunk of a timeline slot of stage ``s`` (``Slot.chunk`` is the model chunk in ``dualpipe-bidir``, the
+    virtual stage otherwise); None for DualPipe's second copy, whose synchronisation is not modelled."""
+    p = ctx.spec.parallel.pp
+    if ctx.spec.schedule == "dualpipe-bidir":
+        return chunk if chunk == s else None
+    return chunk * p + s
+
+
+def _scaled(pc: mem.ParamCount, fraction: float) -> mem.ParamCount:
+    return mem.ParamCount(pc.dense * fraction, pc.expert * fraction)
+
+
+def _compute_slowdown(ctx: _Ctx, kernel: str) -> float:
+    """How many times slower compute runs while ``kernel`` (a key of ``COMM_KERNEL_SMS``) holds its SMs: the
+    backward compute of one block of each kind under the cost model with those SMs taken, over without (1 for
+    cost models without SMs, :func:`hwmodels.cost.overlapped_cost`)."""
+    slow_cost = overlapped_cost(ctx.timer.cost, COMM_KERNEL_SMS[kernel][0])
+    if slow_cost is ctx.timer.cost:
+        return 1.0
+    slow = Timer(slow_cost, ctx.timer.device, ctx.timer.dtype)
+    kinds = {ctx.cfg.is_moe_layer(layer): layer for layer in reversed(range(ctx.cfg.num_hidden_layers))}
+    fast_s = slow_s = 0.0
+    for layer in kinds.values():
+        for timer, is_slow in ((ctx.timer, False), (slow, True)):
+            t = _sum(block_ops(ctx.cfg, layer, ctx.shape, timer, ctx.system), BACKWARD_INPUT, BACKWARD_WEIGHT,
+                     kind=COMPUTE)
+            fast_s, slow_s = (fast_s, slow_s + t) if is_slow else (fast_s + t, slow_s)
+    # at least 1: a GEMM does not speed up because another kernel holds SMs (the fitted wave model can say so)
+    return max(1.0, slow_s / fast_s) if fast_s > 0 else 1.0
 
 
 def _local_params(ctx: _Ctx, pc: mem.ParamCount) -> float:
     par = ctx.spec.parallel
     if par.zero == 0:
         return pc.dense + pc.expert
-    return pc.dense / par.dp + pc.expert / par.expert_dp
+    return pc.dense / par.dense_dp + pc.expert / par.expert_dp
 
 
 def _optimizer_s(ctx: _Ctx, pc: mem.ParamCount) -> float:
@@ -360,7 +495,7 @@ def _memory(ctx: _Ctx, params: list, tl: Timeline, check: bool) -> tuple[dict, l
 
     stages = []
     for s, pc in enumerate(params):
-        cats = {k: v + w for (k, v), w in zip(mem.zero_bytes(pc.dense, par.zero, par.dp).items(),
+        cats = {k: v + w for (k, v), w in zip(mem.zero_bytes(pc.dense, par.zero, par.dense_dp).items(),
                                                 mem.zero_bytes(pc.expert, par.zero, par.expert_dp).values())}
         if spec.schedule in DUALPIPES:
             cats["weights"] *= 2  # DualPipe keeps two copies of the parameters
@@ -436,7 +571,7 @@ def _p2p_s(ctx: _Ctx) -> float:
     if par.pp == 1:
         return 0.0
     nbytes = float(ctx.shape.sp_tokens) * ctx.cfg.hidden_size * DTYPE_BYTES[ctx.spec.dtype]
-    return collective_time_s(ctx.system, "send_recv", nbytes, 2, par.tp * par.dp)
+    return collective_time_s(ctx.system, "send_recv", nbytes, 2, par.tp * par.cp * par.dp)
 
 
 def _record(layer, phase, direction, kind, time_s) -> dict:
@@ -456,7 +591,7 @@ def _phases(ctx: _Ctx, static: dict, router_bwd: list[Op], tl: Timeline, p2p_s: 
 
     for layer, ops in static.items():
         for o in ops:
-            add(layer, o.phase, o.direction, o.kind, o.time_s * m)
+            add(layer, o.phase, o.direction, o.kind, o.time_s * (1 if o.direction == PER_STEP else m))
         if ctx.spec.recompute == "full" and 0 <= layer < ctx.cfg.num_hidden_layers:
             add(layer, "recompute", "backward_input", COMPUTE, _sum(ops, FORWARD) * m)
         elif ctx.spec.recompute == "selective":
@@ -507,3 +642,27 @@ def _moe_phases(ctx: _Ctx, layer: int, j: int, router_bwd: list[Op], add) -> Non
             add(layer, "router", o.direction, COMPUTE, o.time_s)
         if ctx.spec.recompute == "full":
             add(layer, "recompute", BACKWARD_INPUT, COMPUTE, r + max(d, sh) + e + c)
+        _overhead_phases(ctx.overheads, layer, g, j, ctx.spec.recompute == "full", add)
+    if ctx.overheads is not None and ctx.overheads.weight_cast_s > 0:
+        add(layer, "fp8_cast", PER_STEP, COMPUTE, ctx.overheads.weight_cast_s)
+
+
+def _overhead_phases(ov: MoEOverheads | None, layer: int, g: int, j: int, full_recompute: bool, add) -> None:
+    """One micro-batch's FP8 expert casts and exposed host time of MoE layer ``layer`` (ordinal ``j``, sample ``g``)."""
+    if ov is None:
+        return
+    add(layer, "fp8_cast", FORWARD, COMPUTE, ov.cast_fwd_s[g, j])
+    add(layer, "fp8_cast", BACKWARD_INPUT, COMPUTE, ov.cast_bwd_s[g, j])
+    add(layer, "host_sync", FORWARD, "idle", ov.host_s[g, j])
+    if full_recompute:
+        add(layer, "recompute", BACKWARD_INPUT, COMPUTE, ov.cast_fwd_s[g, j] + ov.host_s[g, j])
+
+
+def _weight_cast_s(ctx: _Ctx, static: dict, s: int) -> float:
+    """FP8 weight casts of pipeline stage ``s``, once per step (:mod:`moesim.train.fp8`): its layers' linear
+    weights (operators of direction ``per_step``) and, per MoE layer, its local experts'."""
+    par = ctx.spec.parallel
+    layers = [layer for q in range(s, len(ctx.chunks), par.pp) for layer in ctx.chunks[q]]
+    layers += ([-1] if s == 0 else []) + ([ctx.cfg.num_hidden_layers] if s == par.pp - 1 else [])
+    experts = ctx.overheads.weight_cast_s if ctx.overheads is not None else 0.0
+    return sum(_sum(static[layer], PER_STEP) + (experts if layer in ctx.moe_ordinal else 0.0) for layer in layers)

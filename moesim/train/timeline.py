@@ -78,3 +78,16 @@ def max_live(order, parts) -> int:
             live += {"F": 1, "B": -1}.get(what, 0)
             peak = max(peak, live)
     return peak
+
+
+def gradient_slots(timeline: Timeline, stage: int) -> list[Slot]:
+    """The slots of ``stage`` that finish each of its chunks' weight gradients: per chunk, the last one that
+    computes weight gradients (``B``, ``FB`` or a deferred ``W``), in time order. Gradient reduction of a chunk
+    can only start in it (Megatron reduces in the last micro-batch's backward; :mod:`moesim.train.overlap`)."""
+    last: dict = {}
+    for slot in timeline.slots:
+        if slot.stage == stage and slot.what in ("B", "FB", "W"):
+            prev = last.get(slot.chunk)
+            if prev is None or slot.end_at_s >= prev.end_at_s:
+                last[slot.chunk] = slot
+    return sorted(last.values(), key=lambda sl: sl.start_at_s)

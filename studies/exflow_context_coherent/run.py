@@ -21,25 +21,32 @@ TOKENS_PER_DEVICE = 256  # decode-sized batch per device for the all-to-all time
 
 
 def comm_rows(trace_fit, trace_eval, cfg, system, devices: int, per_node: int, seed: int) -> list[dict]:
-    """Crossings and all-to-all seconds per MoE layer for each placement, mode and top-k variant."""
-    from hwmodels.collectives import a2a_payload_bytes
-    from hwmodels.topology import all_to_all_routing
+    """Cross-GPU copies and all-to-all seconds per MoE layer for each placement, mode and top-k variant: the serving
+    engine's MoE phases (moesim.serve.exflow.ep_moe_times: the training engine's routing window, de-duplicated copies
+    and NCCL-fitted all-to-all) at TOKENS_PER_DEVICE tokens per GPU, EP over all GPUs."""
     from moesim.serve import exflow
-    from moesim.train.collectives import group_system
+    from moesim.train.moe import sample_steps, step_options
+    from moesim.train.ops import default_cost
+    from moesim.train.spec import Parallel, TrainSpec
 
-    routing = all_to_all_routing(group_system(system, devices))
-    bpt = a2a_payload_bytes(1, cfg.hidden_size, "bf16")
+    spec = TrainSpec(parallel=Parallel(tp=1, pp=1, dp=devices, ep=devices), seq_len=TOKENS_PER_DEVICE,
+                     micro_batch_size=1, global_batch_size=devices, routing="trace", routing_samples=1)
+    cost, n_moe = default_cost(system.device), len(cfg.moe_layers)
     rows = []
     for name in PLACEMENTS:
-        dev = exflow.expert_device(exflow.place(trace_fit, name, devices, per_node, seed=seed))
+        placement = exflow.place(trace_fit, name, devices, per_node, seed=seed)
         for top1 in (False, True):
+            trace = exflow.top1(trace_eval) if top1 else trace_eval
+            parts, _ = sample_steps(trace, devices, TOKENS_PER_DEVICE, 1, placement.num_layers)
+            window = int(parts[0].columns["token"].max()) + 1
             for mode in exflow.MODES:
-                pairs = exflow.pair_tokens(trace_eval, dev, devices, mode, top1=top1)
-                comm = exflow.EPComm(pairs, routing, bpt, mode)
-                first, second = comm.layer_times_s(TOKENS_PER_DEVICE, pairs["dispatch"].shape[0])
+                mt = exflow.ep_moe_times(cfg, system, spec, cost, trace, placement, exflow.EPMode(mode))
+                copies = exflow.layer_copies(parts[0], placement, devices, mode, step_options(spec).dispatch_dedup,
+                                             per_node, n_moe)
+                cross = sum(float(v.sum() - np.einsum("lii->", v)) for v in copies.values()) / window / n_moe
                 rows.append({"devices": devices, "placement": name, "routing": "top-1" if top1 else "top-6 (as traced)",
-                             "mode": mode, "crossings_per_token_layer": exflow.crossings(pairs),
-                             "a2a_s_per_layer": float((first + second).mean())})
+                             "mode": mode, "crossings_per_token_layer": cross,
+                             "a2a_s_per_layer": float((mt.dispatch_s[0] + mt.combine_s[0]).mean())})
     return rows
 
 

@@ -62,8 +62,8 @@ def test_cli_expert_cache_metrics_and_errors(tmp_path, capsys):
             "--expert-cache-gb", "2"]
     assert main([*base, "--out", str(tmp_path / "a")]) != 0
     assert "--trace" in capsys.readouterr().err
-    assert main([*base, "--trace", "flame-moe-290m", "--ep", "8", "--out", str(tmp_path / "b")]) != 0
-    assert "--ep 1" in capsys.readouterr().err
+    assert main([*base, "--trace", "flame-moe-290m", "--ep", "4", "--tp", "2", "--out", str(tmp_path / "b")]) != 0
+    assert "--tp 1" in capsys.readouterr().err
     assert main([*base, "--trace", "flame-moe-290m", "--cache-policy", "nope", "--out", str(tmp_path / "c")]) != 0
     assert "--cache-policy" in capsys.readouterr().err
     assert main([*base, "--trace", "flame-moe-290m", "--cache-policy", "lfu", "--out", str(tmp_path / "d")]) == 0
