@@ -18,6 +18,9 @@ The scaling table replays one 16,384-token step in this process, varying one fac
 kept whole (it does not grow with tokens per step, but with steps x layers x micro-batches x GPUs).
 
     .venv/bin/python -m benchmarks.bench_stream [--layers 2] [--tokens 1048576,10485760]
+
+The full 10M-token x 58-layer replay (12.5 GiB of Parquet in $TMPDIR, about 40 minutes on 2 shared cores):
+``--layers 2 --tokens 16384 --full-steps 640`` (its rows are in ``benchmarks/results/stream.md``).
 """
 
 from __future__ import annotations
