@@ -202,9 +202,8 @@ def group_limited_top_k(score: np.ndarray, k: int, n_group: int = 1, topk_group:
     ``n_group``): plain top-k."""
     if n_group > 1 and topk_group < n_group:
         n, e = score.shape
-        best = score.reshape(n, n_group, e // n_group).max(axis=2)  # [tokens, groups]
-        drop = np.argpartition(-best, topk_group - 1, axis=1)[:, topk_group:]  # groups outside the limit
-        masked = score.reshape(n, n_group, e // n_group).copy()
+        masked = score.reshape(n, n_group, e // n_group).copy()  # [tokens, groups, experts of a group]
+        drop = np.argpartition(-masked.max(axis=2), topk_group - 1, axis=1)[:, topk_group:]  # groups outside the limit
         masked[np.arange(n)[:, None], drop] = -np.inf
         score = masked.reshape(n, e)
     part = np.argpartition(-score, k - 1, axis=1)[:, :k]

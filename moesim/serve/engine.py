@@ -233,18 +233,17 @@ class _Sim:
             dt = float(rep.cost.iteration_s(works[0]))
             if hasattr(rep.cost, "rank_share"):
                 slow_work = rep.cost.rank_share(works[0])
-            if spill is None:
-                return dt, slow, slow_work, 0.0
-            return max(dt, spill[0]), slow, slow_work, max(dt, spill[0]) - dt
-        if hasattr(rep.cost, "rank_s"):  # per-rank times: the slowest rank sets the lock-step iteration
+        elif hasattr(rep.cost, "rank_s"):  # per-rank times: the slowest rank sets the lock-step iteration
             times = [rep.cost.rank_s(w) for w in works]
             total = times if spill is None else [max(c, s) for c, s in zip(times, spill)]
             slow = int(np.argmax(total))
             return float(total[slow]), slow, works[slow], float(total[slow] - times[slow])
-        dt = float(rep.cost.ranks_iteration_s(works))
+        else:
+            dt = float(rep.cost.ranks_iteration_s(works))
         if spill is None:
             return dt, slow, slow_work, 0.0
-        return max(dt, max(spill)), slow, slow_work, max(dt, max(spill)) - dt
+        total = max(dt, max(spill))  # one plan per rank: one scheduler's is spill[0]
+        return total, slow, slow_work, total - dt
 
     def record(self, rep: Replica, plans: list[Plan], works: list[BatchWork], dt: float, slow: int,
                sw: BatchWork, wait: float) -> None:

@@ -169,7 +169,7 @@ def _coherent(mt, cfg, system, spec, cost, trace, placement: Placement, ep_mode:
 
     if spec.routing_samples != 1:
         raise ValueError("context-coherent expert parallelism replays one routing sample")
-    ep, etp = spec.parallel.ep, getattr(spec.parallel, "etp", 1)
+    ep, etp = spec.parallel.ep, spec.parallel.etp
     n_moe = len(cfg.moe_layers)
     parts, scale = sample_steps(trace, ep, mt.tokens_per_device, 1, placement.num_layers)
     ep_system = group_system(system, ep, etp)  # as moesim.train.moe.moe_times spans the EP group
@@ -188,8 +188,8 @@ def _coherent(mt, cfg, system, spec, cost, trace, placement: Placement, ep_mode:
         m = np.full((ep, ep), mt.tokens_per_device * ep_mode.kv_bytes_per_token_layer)
         np.fill_diagonal(m, 0.0)
         combine_s = combine_s + model.duration_s(a2a, m)
-    etp_in = mt.etp_gather_s if getattr(mt, "etp_gather_s", None) is not None else 0.0  # expert TP stays as it is
-    etp_out = mt.etp_scatter_s if getattr(mt, "etp_scatter_s", None) is not None else 0.0
+    etp_in = mt.etp_gather_s if mt.etp_gather_s is not None else 0.0  # expert TP stays as it is
+    etp_out = mt.etp_scatter_s if mt.etp_scatter_s is not None else 0.0
     d = sent["dispatch"]
     return dataclasses.replace(mt, dispatch_s=dispatch_s[None] + etp_in, combine_s=combine_s[None] + etp_out,
                                dispatch_sent_bytes=(d.sum(axis=2) - np.einsum("lii->li", d)).max(axis=1)[None])

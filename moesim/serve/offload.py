@@ -90,7 +90,7 @@ class ExpertCache:
         if self.expert_devices is not None:  # each GPU's accesses to its own experts
             dev = self.expert_devices[stream.keys // stream.num_experts, stream.keys % stream.num_experts]
             gpus = [select_accesses(stream, dev == d) for d in range(self.ep)]
-        stall, hits, paths = 0.0, 0.0, {}
+        stall, hits, moved = 0.0, 0.0, []
         for s in gpus:
             if not len(s):
                 continue
@@ -99,8 +99,8 @@ class ExpertCache:
                              peak_flops_per_s=self.peak_flops_per_s, cache_tier=self.cache_tier,
                              backing_tier=self.backing_tier, stream_tier=None, other_s_per_layer=other_s_per_layer)
             stall, hits = max(stall, r.stall_s), hits + float(p.hit.sum())
-            for k, v in r.bytes_by_path.items():
-                paths[k] = paths.get(k, 0.0) + v / len(gpus)
+            moved.append(r.bytes_by_path)
+        paths = _mean_paths(moved, len(gpus))
         batches = stream.num_groups / stream.num_layers
         scale = self.moe_layers / stream.num_layers / batches
         got = self._memo[key] = {"stall_s": stall * scale, "accesses": len(stream) * scale, "hits": hits * scale,
@@ -183,15 +183,21 @@ class OnlineCache:
         if self._last is not None and self._last[0] is group_rows:
             return self._last[1]
         steps = [self.step(d, self.stream(group_rows, d), other_s_per_layer) for d in range(self.cache.ep)]
-        paths: dict = {}
-        for g in steps:
-            for k, v in g["bytes_by_path"].items():
-                paths[k] = paths.get(k, 0.0) + v / len(steps)
         got = {"who": 0, "stall_s": max(g["stall_s"] for g in steps), "accesses": sum(g["accesses"] for g in steps),
-               "hits": sum(g["hits"] for g in steps), "bytes_by_path": paths}
+               "hits": sum(g["hits"] for g in steps),
+               "bytes_by_path": _mean_paths([g["bytes_by_path"] for g in steps], len(steps))}
         self.log.append(got)
         self._last = (group_rows, got["stall_s"])
         return got["stall_s"]
+
+
+def _mean_paths(moved: list[dict], n: int) -> dict:
+    """Bytes per tier path summed over the dicts of ``moved``, each divided by ``n`` (a mean over ``n`` devices)."""
+    paths: dict = {}
+    for d in moved:
+        for k, v in d.items():
+            paths[k] = paths.get(k, 0.0) + v / n
+    return paths
 
 
 def _join(pieces: list):
@@ -262,10 +268,7 @@ def _online_metrics(cache: ExpertCache, online: OnlineCache) -> dict:
     slowest GPU's stall and the GPUs' mean bytes)."""
     devices = max(1, len({g["who"] for g in online.log}))
     acc, hits = sum(g["accesses"] for g in online.log), sum(g["hits"] for g in online.log)
-    paths: dict = {}
-    for g in online.log:
-        for k, v in g["bytes_by_path"].items():
-            paths[k] = paths.get(k, 0.0) + v / devices
+    paths = _mean_paths([g["bytes_by_path"] for g in online.log], devices)
     return {"policy": cache.policy, "capacity_experts_per_device": cache.capacity_experts,
             "capacity_bytes_per_device": cache.capacity_bytes, "backing_tier": cache.backing_tier, "accesses": acc,
             "hits": hits, "hit_rate": hits / acc if acc else None,

@@ -103,9 +103,9 @@ def expert_cast_bytes(tokens: float, choices: float, hidden: int, inter: int, ex
     if recipe == "none":
         return 0.0, 0.0, 0.0
     fc1_in, _ = input_cast_bytes(tokens, hidden, recipe)  # quantized before the FP8 dispatch
-    _, fc1_in_bwd = input_cast_bytes(choices, hidden, recipe)  # blockwise: requantized transposed for wgrad
-    if recipe != "blockwise":  # per-tensor: the received rows need their transposed copy for the wgrad
-        fc1_in_bwd = choices * hidden * FP8 * 2.0
+    # the weight gradient's transposed copy of the received rows: blockwise requantizes them into 128x1 tiles,
+    # the per-tensor recipes transpose the FP8 rows (one FP8 read and one FP8 write per element)
+    fc1_in_bwd = input_cast_bytes(choices, hidden, recipe)[1] if recipe == "blockwise" else choices * hidden * FP8 * 2.0
     fc2 = linear_cast_bytes(choices, hidden, inter, recipe)
     fwd = fc1_in + fc2[0]
     bwd = fc1_in_bwd + grad_cast_bytes(choices, 2 * inter, recipe) + fc2[1]

@@ -135,16 +135,17 @@ def block_ops(cfg: ModelConfig, layer: int, sh: Shape, timer: Timer, system: Sys
     """All operators of block ``layer`` except the MoE part (attention, norms, dense FFN, TP comms); ``tp_overlap``:
     the TP comms overlap their GEMMs as Transformer Engine's userbuffers do (:func:`tp_beside`)."""
     t, h = sh.tokens, cfg.hidden_size
-    attn = [(n, k) for n, k, _ in attention_linears(cfg, sh.tp)]
+    attn = attention_linears(cfg, sh.tp)
     ops = norm_ops(timer, layer, "norm", sh.sp_tokens, h)
-    for n, k, phase in attention_linears(cfg, sh.tp):
+    for n, k, phase in attn:
         ops += timer.linear(layer, phase, t, n, k)
     fwd, bwd = core_attention_kernels(cfg, sh, DTYPE_BYTES[timer.precise_dtype])
     core = [timer.kernel(layer, "attention_core", FORWARD, fwd),
             timer.kernel(layer, "attention_core", BACKWARD_INPUT, bwd)]
     ops += core + cp_ring_ops(system, layer, sh, kv_chunk_bytes(cfg, sh, DTYPE_BYTES[timer.precise_dtype]),
                               core[0].time_s, core[1].time_s)
-    beside = tp_beside(timer, t, [nk for nk in attn[:-1] if nk[1] == h], attn[-1], sh.tp) if tp_overlap else None
+    gathered = [(n, k) for n, k, _ in attn[:-1] if k == h]  # the GEMMs reading the all-gathered input
+    beside = tp_beside(timer, t, gathered, attn[-1][:2], sh.tp) if tp_overlap else None
     ops += sp_comm_ops(system, layer, sh, h, timer.precise_dtype, beside)
     ops += norm_ops(timer, layer, "norm", sh.sp_tokens, h)
     if not cfg.is_moe_layer(layer):

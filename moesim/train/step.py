@@ -318,7 +318,7 @@ def _stage_params(ctx: _Ctx) -> list[mem.ParamCount]:
         pc = mem.embedding_params(cfg, par.tp, first=s == 0, last=s == par.pp - 1)
         for q in range(s, len(ctx.chunks), par.pp):
             for layer in ctx.chunks[q]:
-                pc = pc + mem.block_params(cfg, layer, par.tp, par.ep, par.etp)
+                pc = pc + _layer_params(ctx, layer)
         out.append(pc)
     return out
 
@@ -461,10 +461,10 @@ def _compute_slowdown(ctx: _Ctx, kernel: str) -> float:
     kinds = {ctx.cfg.is_moe_layer(layer): layer for layer in reversed(range(ctx.cfg.num_hidden_layers))}
     fast_s = slow_s = 0.0
     for layer in kinds.values():
-        for timer, is_slow in ((ctx.timer, False), (slow, True)):
-            t = _sum(block_ops(ctx.cfg, layer, ctx.shape, timer, ctx.system), BACKWARD_INPUT, BACKWARD_WEIGHT,
-                     kind=COMPUTE)
-            fast_s, slow_s = (fast_s, slow_s + t) if is_slow else (fast_s + t, slow_s)
+        fast_s += _sum(block_ops(ctx.cfg, layer, ctx.shape, ctx.timer, ctx.system), BACKWARD_INPUT, BACKWARD_WEIGHT,
+                       kind=COMPUTE)
+        slow_s += _sum(block_ops(ctx.cfg, layer, ctx.shape, slow, ctx.system), BACKWARD_INPUT, BACKWARD_WEIGHT,
+                       kind=COMPUTE)
     # at least 1: a GEMM does not speed up because another kernel holds SMs (the fitted wave model can say so)
     return max(1.0, slow_s / fast_s) if fast_s > 0 else 1.0
 
