@@ -19,8 +19,8 @@ link, concurrently with the others (one timed replay per GPU); the lock-step ite
 
 Per token count ``T`` (tokens of one rank's iteration) this is computed once at the next power of two
 (``T`` x ranks of the EP group rounded up, at most the trace's tokens) and memoized: stall seconds, accesses,
-hits and bytes per tier path per batch. Model MoE layer j uses trace layer j mod (trace layers): the per-batch
-figures of the trace's layers are scaled by (model MoE layers / trace layers).
+hits and bytes per tier path per batch. Model MoE layer j uses trace layer j mod (trace layers) and is its own
+weights: the accesses run through all the model's MoE layers (:func:`model_layers`), as the online cache's do.
 """
 
 from __future__ import annotations
@@ -85,10 +85,11 @@ class ExpertCache:
         got = self._memo.get(key)
         if got is not None:
             return got
-        stream = access_stream(self.trace, batch_tokens=t)
+        stream = model_layers(access_stream(self.trace, batch_tokens=t), self.moe_layers)
         gpus = [stream]
         if self.expert_devices is not None:  # each GPU's accesses to its own experts
-            dev = self.expert_devices[stream.keys // stream.num_experts, stream.keys % stream.num_experts]
+            rows = self.expert_devices.shape[0]  # model MoE layer j: trace layer j mod (trace layers)
+            dev = self.expert_devices[(stream.keys // stream.num_experts) % rows, stream.keys % stream.num_experts]
             gpus = [select_accesses(stream, dev == d) for d in range(self.ep)]
         stall, hits, moved = 0.0, 0.0, []
         for s in gpus:
@@ -101,11 +102,30 @@ class ExpertCache:
             stall, hits = max(stall, r.stall_s), hits + float(p.hit.sum())
             moved.append(r.bytes_by_path)
         paths = _mean_paths(moved, len(gpus))
-        batches = stream.num_groups / stream.num_layers
-        scale = self.moe_layers / stream.num_layers / batches
+        scale = stream.num_layers / stream.num_groups  # per batch
         got = self._memo[key] = {"stall_s": stall * scale, "accesses": len(stream) * scale, "hits": hits * scale,
                                  "bytes_by_path": {k: v * scale for k, v in paths.items()}}
         return got
+
+
+def model_layers(stream, moe_layers: int):
+    """``stream`` (a trace's accesses, batch by batch) through the model's ``moe_layers`` MoE layers, each its own
+    weights: model layer j replays trace layer j mod (trace layers); keys over the model's layers (as
+    :meth:`OnlineCache.stream`)."""
+    from moesim.memory.cache import AccessStream
+
+    e, used = stream.num_experts, stream.num_layers
+    if moe_layers == used:
+        return stream
+    batches = stream.num_groups // used
+    src = (np.arange(batches)[:, None] * used + np.arange(moe_layers)[None, :] % used).ravel()  # source groups
+    lens = stream.group_start[src + 1] - stream.group_start[src]
+    idx = np.arange(int(lens.sum())) + np.repeat(stream.group_start[src] - (np.cumsum(lens) - lens), lens)
+    group = np.repeat(np.arange(len(src), dtype=np.int64), lens)
+    return AccessStream(keys=(group % moe_layers) * e + stream.keys[idx] % e, group=group, tokens=stream.tokens[idx],
+                        group_batch=np.repeat(np.arange(batches), moe_layers),
+                        group_layer=np.tile(np.arange(moe_layers), batches), num_experts=e, num_layers=moe_layers,
+                        num_tokens=stream.num_tokens)
 
 
 #: policies that can run online on the batches' own rows (Belady needs accesses the schedule has not made yet; the

@@ -124,3 +124,24 @@ def test_cli_expert_cache_on_request_routing(tmp_path, capsys):
     assert main([*base, "--cache-policy", "belady", "--out", str(tmp_path / "b")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "belady" in err[0]
+
+
+def test_the_trace_replay_runs_through_the_models_layers_like_the_online_cache():
+    """A 2-layer trace on OLMoE's 16 MoE layers: one batch of all the trace's tokens has the online cache's accesses
+    (each model layer its own experts) and, from the same warm start, its hits and stall."""
+    from moesim.memory.cache import access_stream
+    from moesim.serve.offload import model_layers
+
+    ids, trace = _routing(layers=2)
+    s = model_layers(access_stream(trace, batch_tokens=400), len(CFG.moe_layers))
+    assert s.num_layers == len(CFG.moe_layers) and len(np.unique(s.keys)) == len(s)
+    assert np.array_equal(s.keys % 64, np.tile(access_stream(trace, batch_tokens=400).keys % 64, 8))
+    for ep in (1, 2):
+        oc = _online(trace, ids, 12, ep=ep)
+        got = oc.cache.per_batch(400 // ep, 1e-4)
+        rows = np.arange(400)
+        oc.stall_s(0, rows, rows, 1e-4)
+        want = oc.log[-1]
+        assert got["accesses"] == want["accesses"] == len(oc.stream(rows))
+        assert got["hits"] == want["hits"] and 0 < got["hits"] < got["accesses"]
+        assert got["stall_s"] == pytest.approx(want["stall_s"], rel=1e-12) and got["stall_s"] > 0
