@@ -208,6 +208,28 @@ def term_effects() -> list[dict]:
     return rows
 
 
+#: the overlap options of moesim.train.overlap, off in every case (Megatron's defaults; unpublished per case)
+OVERLAPS = {"grad_reduce": {"overlap_grad_reduce": True},
+            "grad_reduce_param_gather": {"overlap_grad_reduce": True, "overlap_param_gather": True},
+            "tp_comm": {"tp_comm_overlap": True},
+            "all_three": {"overlap_grad_reduce": True, "overlap_param_gather": True, "tp_comm_overlap": True}}
+
+
+def overlap_effects() -> list[dict]:
+    """Per case (default cost model): the error with the overlap options off (as the cases run) and with each
+    variant of :data:`OVERLAPS` on, all computed in the same tree."""
+    rows = []
+    for case in CASES:
+        off, _ = predict(case, "default")
+        row = {"case": case.name, "metric": case.metric, "published": case.published,
+               "off_err_pct": (off - case.published) / case.published * 100}
+        for name, on in OVERLAPS.items():
+            value, _ = predict(dataclasses.replace(case, spec={**case.spec, **on}), "default")
+            row[f"{name}_err_pct"] = (value - case.published) / case.published * 100
+        rows.append(row)
+    return rows
+
+
 def validate() -> list[dict]:
     rows = []
     for case in CASES:
@@ -286,6 +308,10 @@ def main(argv: list[str] | None = None) -> Path:
                   "moesim/train/fp8.py) and the host launch time after each MoE dispatch sync (`host`: `eager` against "
                   "`none`, moesim/train/host.py; whether the runs used CUDA graphs is unpublished, `eager`, Megatron's "
                   "default, is assumed) add, each switched off alone (default cost model; `_pts`: points of error):", ""] + md_table(term_effects(), "{:,.4g}").split("\n") + [""]
+        lines += ["Error with the overlap options of moesim/train/overlap.py on (`--overlap-grad-reduce`, "
+                  "`--overlap-param-gather`, `--tp-comm-overlap`; off in every case above, Megatron's defaults; whether "
+                  "the published runs had them on is unpublished), default cost model:", ""]
+        lines += md_table(overlap_effects(), "{:,.4g}").split("\n") + [""]
     kept_val, kept_speed = _kept_sections()  # a run of one part keeps the other part of the last results file
     if not do_val:
         lines += kept_val

@@ -23,8 +23,9 @@ One iteration of ``T`` new tokens (prefill chunks and decodes together) per rank
 - ``attention``: one paged-attention kernel per layer over the batch's (query, key) pairs: a request
   adding ``n`` tokens after ``c`` cached ones has ``n c + n^2 / 2`` causal pairs (the training core's
   ``s^2 / 2`` when ``c = 0``) and reads ``c + n`` tokens of KV; FLOPs ``2 heads (d_qk + d_v)`` per pair,
-  bytes: the KV read plus Q and O of the new tokens and the fp32 log-sum-exp, timed by the cost model's
-  ``kernel`` (else the spec roofline).
+  bytes: the KV read plus Q and O of the new tokens and the fp32 log-sum-exp, in the precise dtype (BF16
+  under FP8), timed by the cost model's ``kernel``, else as the training core (its GEMM equivalent at the
+  cost model's efficiency), never below the spec roofline (the KV read bounds decode).
 
 ``linear`` is exact up to ``exact_up_to`` tokens and at the points of a geometric grid (ratio
 ``grid_ratio``) above; between grid points it is interpolated linearly once the interval's quarter points and
@@ -69,7 +70,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -238,6 +239,7 @@ class IterationCost:
         heads, kv, d_qk, d_v, _ = attention_dims(self.cfg, self.layout.tp)
         self._qo_elems = heads * (d_qk + d_v)
         self._flops_per_pair = 2.0 * heads * (d_qk + d_v)
+        self._core_heads, self._core_dim = heads, d_qk + d_v
         if self.kv_capacity_tokens_per_device < 1:
             self._raise_no_room()
 
@@ -483,17 +485,26 @@ class IterationCost:
         return v
 
     def attention_kernel(self, pairs: float, kv_read: float, tokens: float) -> Kernel:
-        """Work of one layer's attention core on one device (see the module docstring)."""
-        b = DTYPE_BYTES[self.dtype]
+        """Work of one layer's attention core on one device (see the module docstring); Q and O in the precise
+        dtype (BF16 under FP8: attention stays in BF16, :mod:`moesim.train.ops`), and, as the training core, its
+        GEMM equivalent ``[heads x tokens, d_qk + d_v] x [d_qk + d_v, pairs / tokens]`` (the same FLOPs)."""
+        b = DTYPE_BYTES[self.timer.precise_dtype]
         io = kv_read * self.kv_bytes_per_token_layer + tokens * (self._qo_elems * b + FP32_BYTES)
-        return Kernel("paged_attention_fwd", self._flops_per_pair * pairs, io)
+        flops = self._flops_per_pair * pairs
+        m, n, k = max(1, math.ceil(self._core_heads * tokens)), max(1, round(pairs / tokens)), self._core_dim
+        return Kernel("paged_attention_fwd", flops, io, (m, n, k), flops / (2.0 * m * n * k))
 
     def attention_s(self, pairs_per_rank: float, kv_read_per_rank: float, tokens_per_rank: float) -> float:
-        """All layers' attention cores for one rank's share of the batch."""
+        """All layers' attention cores for one rank's share of the batch, in the precise dtype: the cost model's
+        time of the GEMM equivalent (its fitted efficiency, as the training core), but never less than the spec
+        roofline of the kernel's bytes and FLOPs (the KV read bounds decode)."""
         if tokens_per_rank <= 0:
             return 0.0
         k = self.attention_kernel(pairs_per_rank, kv_read_per_rank, tokens_per_rank)
-        return self.cfg.num_hidden_layers * kernel_cost(self.timer.cost, self.system.device, k, self.dtype).time_s
+        cost, dev, dtype = self.timer.cost, self.system.device, self.timer.precise_dtype
+        per_layer = max(kernel_cost(cost, dev, k, dtype).time_s, kernel_cost(cost, dev, replace(k, gemm_shape=None),
+                                                                             dtype).time_s)
+        return self.cfg.num_hidden_layers * per_layer
 
     def iteration_s(self, w: BatchWork) -> float:
         """Seconds of one iteration doing ``w``, the whole batch of the ``dp`` ranks split evenly over them (the

@@ -81,13 +81,18 @@ def top1(trace):
 
     c = trace.columns
     tok = c["step"].astype(np.int64) * (int(c["token"].max()) + 1) + c["token"].astype(np.int64)
-    order = np.lexsort((-c["weight"], tok, c["layer"]))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = (c["layer"][order][1:] != c["layer"][order][:-1]) | (tok[order][1:] != tok[order][:-1])
-    keep = np.sort(order[first])
+    keep = np.sort(_primary(c["layer"], tok, c["weight"]))
     cols = {k: v[keep] for k, v in c.items()}
     cols["rank"] = np.zeros(len(keep), dtype=c["rank"].dtype)
     return Trace(columns=cols, meta=dataclasses.replace(trace.meta, top_k=1))
+
+
+def _primary(layer: np.ndarray, tok: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Row of each (layer, token)'s primary choice: its highest weight (ties: the first row); by layer, then token."""
+    order = np.lexsort((-weight, tok, layer))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (layer[order][1:] != layer[order][:-1]) | (tok[order][1:] != tok[order][:-1])
+    return order[first]
 
 
 def _copies(tok: np.ndarray, src: np.ndarray, dst: np.ndarray, d: int, dedup: str, per_node: int) -> np.ndarray:
@@ -120,12 +125,9 @@ def layer_copies(part, placement: Placement, num_devices: int, mode: str, dedup:
     layer, tok = c["layer"].astype(np.int64), c["token"].astype(np.int64)
     dst = dev[layer, c["expert"].astype(np.int64)]
     rows = [np.flatnonzero(layer == t) for t in range(used)]
-    primary = np.empty((used, n), dtype=np.int64)
-    for t, r in enumerate(rows):  # the highest-weight choice's device (ties: the first row)
-        order = r[np.lexsort((-c["weight"][r], tok[r]))]
-        firsts = order[np.r_[True, tok[order][1:] != tok[order][:-1]]]
-        primary[t] = home
-        primary[t, tok[firsts]] = dst[firsts]
+    primary = np.tile(home, (used, 1))  # the primary choice's device (:func:`_primary`)
+    firsts = _primary(layer, tok, c["weight"])
+    primary[layer[firsts], tok[firsts]] = dst[firsts]
     memo: dict = {}
 
     def where(j: int):  # (key, device [n]) of the tokens after model MoE layer j

@@ -97,14 +97,13 @@ def time_breakdown(result, costs: dict, samples: int = 200) -> dict:
                 acc[k] = acc.get(k, 0.0) + v
         busy = float(it["duration_s"][rows].sum())
         spill = "spill_tier" in result.replicas.get(name, {})
-        if spill:  # the spill transfers' time beyond compute is known per iteration; the parts share the rest
-            wait = it["spill_wait_s"]
-            scale = (busy - float(wait[rows].sum())) / float((it["duration_s"][pick] - wait[pick]).sum())
-        else:
-            scale = busy / float(it["duration_s"][pick].sum())
+        # the spill transfers' time beyond compute is known per iteration; the parts share the rest
+        wait = it["spill_wait_s"] if spill else np.zeros(len(it["duration_s"]))
+        wait_s = float(wait[rows].sum())
+        scale = (busy - wait_s) / float((it["duration_s"][pick] - wait[pick]).sum())
         parts = {k: v * scale for k, v in acc.items()}
         if spill:
-            parts["KV spill wait"] = float(it["spill_wait_s"][rows].sum())
+            parts["KV spill wait"] = wait_s
         out[name] = {"iterations": int(len(rows)), "sampled_iterations": int(len(pick)),
                      "parts_s": parts, "simulated_busy_s": busy}
     return out

@@ -102,11 +102,12 @@ class HostModel:
         """Host seconds per eagerly launched kernel (0 under ``none``)."""
         return 0.0 if self.mode == "none" else HOST_LAUNCH["eager"].seconds
 
-    def captured(self, kernel_s: list[float]) -> list[tuple[int, float, float]]:
-        """Groups of kernels (GPU seconds each) the mode captures in one graph (one launch) or launches one by one."""
+    def captured(self, gpu_s: list[float]) -> list[tuple[int, float, float]]:
+        """Groups of kernels (``gpu_s``: GPU seconds each) the mode captures in one graph (one launch) or launches one
+        by one."""
         if self.mode == "cuda-graphs":
-            return [(1, sum(kernel_s), HOST_LAUNCH["cuda-graphs"].seconds)]
-        return [(1, t, self.kernel_s) for t in kernel_s]
+            return [(1, sum(gpu_s), HOST_LAUNCH["cuda-graphs"].seconds)]
+        return [(1, t, self.kernel_s) for t in gpu_s]
 
     def exposure_s(self, groups: list[tuple[int, float, float]]) -> float:
         """Seconds the GPU waits for the host after one sync, for the segment ``groups``."""

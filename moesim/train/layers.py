@@ -35,7 +35,7 @@ and dK/dV on the middle ones and dK/dV on the last).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hwmodels.collectives import COMM_KERNEL_SMS
 from hwmodels.cost import overlapped_cost
@@ -163,7 +163,7 @@ def tp_beside(timer: Timer, tokens: int, first: list[tuple[int, int]], last: tup
     input gradient (ring exchange), each (whole, one chunk, one chunk with :data:`~moesim.train.overlap.TE_KERNEL`'s
     SMs taken) seconds. ``first``: the (n, k) GEMMs reading the gathered input (QKV / MLA down-projections, FC1),
     ``last``: the one whose output is reduce-scattered (projection, FC2)."""
-    slow = Timer(overlapped_cost(timer.cost, COMM_KERNEL_SMS[TE_KERNEL][0]), timer.device, timer.dtype)
+    slow = replace(timer, cost=overlapped_cost(timer.cost, COMM_KERNEL_SMS[TE_KERNEL][0]))  # same dtype and FP8 recipe
 
     def seconds(tm: Timer, shapes, rows: int, direction: str) -> float:
         return sum(o.time_s for n, k in shapes for o in tm.linear(-1, "tp", rows, n, k) if o.direction == direction)

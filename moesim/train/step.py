@@ -457,7 +457,7 @@ def _compute_slowdown(ctx: _Ctx, kernel: str) -> float:
     slow_cost = overlapped_cost(ctx.timer.cost, COMM_KERNEL_SMS[kernel][0])
     if slow_cost is ctx.timer.cost:
         return 1.0
-    slow = Timer(slow_cost, ctx.timer.device, ctx.timer.dtype)
+    slow = replace(ctx.timer, cost=slow_cost)  # same dtype and FP8 recipe
     kinds = {ctx.cfg.is_moe_layer(layer): layer for layer in reversed(range(ctx.cfg.num_hidden_layers))}
     fast_s = slow_s = 0.0
     for layer in kinds.values():

@@ -150,3 +150,47 @@ def test_every_schedule_overlaps_part_of_its_reduction(schedule, v):
     every = _run(cfg, dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, zero=1)),
                  overlap_grad_reduce=True, overlap_param_gather=True, tp_comm_overlap=True)
     assert every.step_time_s < off.step_time_s and any(p["phase"] == "param_gather" for p in every.phases)
+
+
+def test_compute_beside_communication_keeps_the_fp8_recipe():
+    """The timer with SMs taken by an overlapped collective is the step's own timer with another cost model: same
+    dtype and FP8 recipe, so under FP8 the GEMMs beside the TP collectives are timed with their cast kernels in
+    both the plain and the slowed chunk."""
+    from hwmodels.cost import default_cost_model
+    from moesim.train.layers import tp_beside
+    from moesim.train.ops import Timer
+
+    device = load_system("dgx-h100").device
+    cost = default_cost_model(device)
+    with_casts = Timer(cost, device, "fp8", "tensorwise")
+    without = Timer(cost, device, "fp8", "none")
+    shapes, last = [(3 * 2048, 2048)], (2048, 2048)
+    got, plain = tp_beside(with_casts, 4096, shapes, last, 4), tp_beside(without, 4096, shapes, last, 4)
+    # (first GEMMs forward, their weight gradient, last GEMM forward, its input gradient): the casts belong to the
+    # forward and input-gradient passes, none to the weight gradient
+    for i, ((whole, chunk, slowed), (_, chunk0, slowed0)) in enumerate(zip(got, plain)):
+        assert slowed >= chunk
+        if i == 1:
+            assert (chunk, slowed) == (chunk0, slowed0)
+        else:
+            assert chunk > chunk0  # the casts
+            # the SMs taken slow the GEMMs by as much with casts as without: the casts are in both timers
+            assert slowed - chunk == pytest.approx(slowed0 - chunk0, rel=1e-9, abs=1e-15)
+
+
+def test_compute_slowdown_under_fp8_counts_the_same_kernels_slowed_and_not():
+    """The slowdown of compute while NCCL holds its SMs compares the same kernels (GEMMs and FP8 casts) with and
+    without the SMs: it is the same factor whatever the cast recipe adds, above 1 for the fitted GPU model."""
+    from hwmodels.cost import default_cost_model
+    from moesim.train.step import _compute_slowdown, _context
+
+    system = load_system("dgx-h100")
+    cfg = dense_config(**BIG)
+    factors = {}
+    for recipe in ("none", "tensorwise"):
+        spec = TrainSpec(Parallel(tp=4, dp=2), seq_len=4096, micro_batch_size=1, global_batch_size=8, dtype="fp8",
+                         fp8_recipe=recipe)
+        ctx = _context(cfg, system, spec, default_cost_model(system.device), None, 0, None)
+        factors[recipe] = _compute_slowdown(ctx, "nccl-ring")
+    assert factors["none"] > 1.0 and factors["tensorwise"] > 1.0
+    assert factors["tensorwise"] < factors["none"]  # memory-bound casts dilute the GEMMs' slowdown, never erase it
