@@ -62,12 +62,15 @@ def group_limited_balanced(num_tokens: int, num_experts: int, top_k: int, n_grou
     ``n_group`` groups of consecutive ids, and each token's experts lie in at most ``topk_group`` groups
     (DeepSeek-V3: 8 groups of 32, at most 4; in training a group is a node's experts, so at most 4 nodes).
 
-    Construction (seeded by ``rng``): tokens in a random order take ``min(topk_group, top_k)`` group slots each
-    from a cycle over a random order of the groups (consecutive slots are distinct groups), and within a group
-    their picks (``top_k`` split as evenly as possible over the slots, the extra picks on slots rotating from
-    token to token) from a cycle over a random order of the group's experts. Within a group every expert gets the
-    same picks up to one; groups get equal picks (exactly, when tokens x slots is a multiple of ``n_group``) when
-    ``topk_group`` divides ``top_k`` (DeepSeek-V2/V3), else nearly equal."""
+    Construction (seeded by ``rng``): tokens come in blocks of ``n_group``, each block with its own random cyclic
+    order of the groups; token ``i`` of a block takes the ``min(topk_group, top_k)`` consecutive groups from
+    position ``i`` of that cycle (distinct groups, every group in exactly ``slots`` tokens of a full block, and the
+    group sets differ from block to block as random windows do: one global cycle would give a token only
+    ``n_group / slots`` distinct sets, e.g. two complementary ones for DeepSeek-V3, so two nodes would receive
+    every token). Within a group the picks (``top_k`` split as evenly as possible over the slots, the extra picks
+    on the window's first slots) come from a cycle over a random order of the group's experts. Within a group every
+    expert gets the same picks up to one; every group gets exactly ``top_k`` picks per full block of ``n_group``
+    tokens (so exactly equal loads over groups when tokens is a multiple of ``n_group``)."""
     try:
         size = check_group_limit(num_experts, top_k, n_group, topk_group)
     except ValueError as exc:
@@ -76,11 +79,14 @@ def group_limited_balanced(num_tokens: int, num_experts: int, top_k: int, n_grou
     if -(-top_k // slots) > size:
         raise TrainError(f"top-{top_k} over at most {topk_group} groups of {size} experts: a group would need "
                          f"{-(-top_k // slots)} distinct experts")
-    group_order = rng.permutation(n_group)
-    position = np.arange(num_tokens)[:, None] * slots + np.arange(slots)  # [tokens, slots] in the group cycle
-    # slot of each of a token's k picks: k // slots each, the k % slots extra picks on slots rotating per token
-    pick_slot = (np.arange(top_k) % slots + np.arange(num_tokens)[:, None]) % slots  # [tokens, k]
-    pick_group = np.take_along_axis(group_order[position % n_group], pick_slot, axis=1).ravel()  # [tokens * k]
+    tokens = np.arange(num_tokens)
+    blocks = -(-num_tokens // n_group)
+    cycles = rng.permuted(np.tile(np.arange(n_group), (blocks, 1)), axis=1)  # [blocks, groups]: a cycle per block
+    slot_groups = cycles[(tokens // n_group)[:, None], ((tokens % n_group)[:, None] + np.arange(slots)) % n_group]
+    # slot of each of a token's k picks: k // slots each, the k % slots extra picks on its window's first slots
+    # (each cycle position is some token's slot j for every j once per full block, so every group gets k picks)
+    pick_slot = np.broadcast_to(np.arange(top_k) % slots, (num_tokens, top_k))  # [tokens, k]
+    pick_group = np.take_along_axis(slot_groups, pick_slot, axis=1).ravel()  # [tokens * k]
     by_group = np.argsort(pick_group, kind="stable")
     counts = np.bincount(pick_group, minlength=n_group)
     rank = np.empty_like(pick_group)

@@ -4,6 +4,7 @@ the training step."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -92,3 +93,16 @@ def test_deepseek_v3_ep64_node_dedup_sends_less_than_per_expert_copies():
         np.testing.assert_allclose(t.expert_tokens_max, times["none"].expert_tokens_max)
         assert np.all(t.imbalance == 1.0)
     assert dataclasses.replace(TrainSpec(Parallel(dp=64, ep=64), **base)).dispatch_dedup == "auto"
+
+
+@pytest.mark.parametrize("experts,k,groups,limit", [(256, 8, 8, 4), (60, 7, 6, 4), (160, 6, 8, 3)])
+def test_group_sets_vary_and_group_loads_are_exact_per_block(experts, k, groups, limit):
+    """Tokens' group sets are not a fixed few (one global cycle of 8 groups in windows of 4 gave DeepSeek-V3's tokens
+    only two complementary sets, so some nodes received every token); every group gets exactly k picks per block
+    of n_group tokens, whether or not the limit divides k."""
+    tokens = groups * 512
+    e = group_limited_balanced(tokens, experts, k, groups, limit, np.random.default_rng(3))
+    sets = {tuple(sorted(set(row))) for row in (e // (experts // groups)).tolist()}
+    assert len(sets) >= min(math.comb(groups, limit), 4 * groups)  # all possible sets, or many
+    group_load = np.bincount(e.ravel() // (experts // groups), minlength=groups)
+    np.testing.assert_array_equal(group_load, np.full(groups, tokens * k // groups))
