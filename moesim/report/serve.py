@@ -199,13 +199,21 @@ def _config_table(m: dict) -> str:
 
 
 def _breakdown_html(m: dict, rows: list[dict]) -> str:
-    notes = "".join(f"<p>{esc(name)}: {b['sampled_iterations']} of {b['iterations']} iterations timed part by part "
-                    f"and scaled; simulated busy time {b['simulated_busy_s']:.4g} s (the parts add up to it within "
-                    "the interpolation of the linear layers; the split is estimated from the timed iterations).</p>"
-                    for name, b in m.get("iteration_time", {}).items())
+    notes = "".join(_breakdown_note(name, b) for name, b in m.get("iteration_time", {}).items())
     if not rows:
         return "<p>(no part-by-part timing in this run)</p>"
     return notes + table_html(rows) + definitions_html(PART_DEFS)
+
+
+def _breakdown_note(name: str, b: dict) -> str:
+    if b.get("parts_from") == "recorded":
+        return (f"<p>{esc(name)}: the parts of all {b['iterations']} iterations as the engine timed them (per-request "
+                f"routing: each batch's own dispatch, experts, combine and expert fetches; with two-batch overlap the "
+                f"two micro-batches' parts one after the other, shared experts whole, and the time their overlap "
+                f"saves); simulated busy time {b['simulated_busy_s']:.4g} s (the parts add up to it).</p>")
+    return (f"<p>{esc(name)}: {b['sampled_iterations']} of {b['iterations']} iterations timed part by part "
+            f"and scaled; simulated busy time {b['simulated_busy_s']:.4g} s (the parts add up to it within "
+            "the interpolation of the linear layers; the split is estimated from the timed iterations).</p>")
 
 
 def _cache_table(caches: dict) -> str:

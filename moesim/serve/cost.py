@@ -56,7 +56,8 @@ dispatch, routed experts and combine come from replaying the batch's own trace r
 local-first), the rest from ``linear``'s routing-free parts (:meth:`IterationCost.routed_linear_s`); with
 ``two_batch_overlap`` each micro-batch replays every other row (:meth:`IterationCost.routed_halves`); with
 ``expert_cache`` the caches see the rows (``online_cache``, :class:`moesim.serve.offload.OnlineCache`: each rank's
-own, ``BatchWork.rank_rows``, or the EP group's).
+own, ``BatchWork.rank_rows``, or the EP group's). :meth:`IterationCost.rank_parts_s` gives that time part by part as
+it is computed (the engine records it per iteration for the time breakdown).
 
 ``host_overhead`` (``eager`` | ``cuda-graphs`` | ``none``, the default): each MoE layer's ``pre`` part also holds the
 host launch time the GPU waits for after the layer's dispatch sync (:mod:`moesim.train.host`).
@@ -94,6 +95,12 @@ OWN_PHASES = ("attention_core",)
 #: the parts of :meth:`IterationCost.breakdown_s`, in the order an iteration runs them
 BREAKDOWN_PARTS = ("embedding", "attention side", "attention core", "dispatch", "shared experts", "experts",
                    "combine", "LM head", "KV swap", "expert fetch stall", "hidden by two-batch overlap")
+
+
+def part_column(part: str) -> str:
+    """The ``iterations.csv`` column of a part of :data:`BREAKDOWN_PARTS` the engine records under per-request
+    routing (``"attention side"`` -> ``part_attention_side_s``)."""
+    return "part_" + part.replace(" ", "_").replace("-", "_") + "_s"
 
 
 class ServeError(ValueError):
@@ -411,30 +418,40 @@ class IterationCost:
         """``linear(T)`` with the MoE dispatch, routed experts and combine of :meth:`routed_moe` on ``rows``
         instead of the cost's static routing; the rest (embedding, router, attention side, dense layers, shared
         experts beside the dispatch) at ``tokens``: exact up to ``exact_up_to`` and on the geometric grid, linear
-        between grid points (:meth:`_unrouted_parts`)."""
-        base_s, shared_s = self._unrouted_parts(tokens)
-        mt = self.routed_moe(rows)
-        return base_s + float(np.sum(np.maximum(mt.dispatch_s[0], shared_s) + mt.expert_s[0] + mt.combine_s[0]))
+        between grid points (:meth:`_unrouted_parts`). The sum of :meth:`routed_linear_parts_s`."""
+        return sum(self.routed_linear_parts_s(tokens, rows).values())
 
-    def _unrouted_at(self, t: int) -> tuple[float, np.ndarray]:
+    def routed_linear_parts_s(self, tokens: int, rows: np.ndarray) -> dict[str, float]:
+        """:meth:`routed_linear_s` part by part (names of :data:`BREAKDOWN_PARTS`): ``embedding``, ``attention
+        side`` (every layer's ``pre``), ``dispatch``, ``shared experts`` (only the part longer than the dispatch),
+        ``experts``, ``combine``."""
+        base_s, shared_s, embed_s = self._unrouted_parts(tokens)
+        mt = self.routed_moe(rows)
+        d = mt.dispatch_s[0]
+        return {"embedding": embed_s, "attention side": base_s - embed_s, "dispatch": float(d.sum()),
+                "shared experts": float(np.maximum(shared_s - d, 0.0).sum()), "experts": float(mt.expert_s[0].sum()),
+                "combine": float(mt.combine_s[0].sum())}
+
+    def _unrouted_at(self, t: int) -> tuple[float, np.ndarray, float]:
         got = self._unrouted.get(t)
         if got is None:
             p = self.layer_parts(t)
-            got = self._unrouted[t] = (p.embed_s + float(p.pre_s.sum()), p.shared_s[list(self.cfg.moe_layers)])
+            got = self._unrouted[t] = (p.embed_s + float(p.pre_s.sum()), p.shared_s[list(self.cfg.moe_layers)],
+                                       p.embed_s)
         return got
 
-    def _unrouted_parts(self, tokens: int) -> tuple[float, np.ndarray]:
-        """(embedding + every layer's ``pre``, shared experts [MoE layers]) for ``tokens`` per rank: exact up to
-        ``exact_up_to`` and at grid points, linear between neighbouring grid points above."""
+    def _unrouted_parts(self, tokens: int) -> tuple[float, np.ndarray, float]:
+        """(embedding + every layer's ``pre``, shared experts [MoE layers], embedding) for ``tokens`` per rank: exact
+        up to ``exact_up_to`` and at grid points, linear between neighbouring grid points above."""
         if tokens <= self.exact_up_to:
             return self._unrouted_at(tokens)
         g = self._grid_upto(tokens)
         i = bisect.bisect_left(g, tokens)
         if g[i] == tokens:
             return self._unrouted_at(tokens)
-        (a, sa), (b, sb) = self._unrouted_at(g[i - 1]), self._unrouted_at(g[i])
+        (a, sa, ea), (b, sb, eb) = self._unrouted_at(g[i - 1]), self._unrouted_at(g[i])
         f = (tokens - g[i - 1]) / (g[i] - g[i - 1])
-        return a + (b - a) * f, sa + (sb - sa) * f
+        return a + (b - a) * f, sa + (sb - sa) * f, ea + (eb - ea) * f
 
     def _linear_at(self, t: int) -> float:
         v = self._linear.get(t)
@@ -549,13 +566,34 @@ class IterationCost:
         """Seconds of one rank doing ``w`` (see the module docstring)."""
         if w.tokens <= 0:
             return self.swap_s(w.swap_tokens)
+        if w.routing_rows is not None and self.request_routing is not None:
+            return sum(self.rank_parts_s(w).values())
         rest = self.head_s(w.sampled) + self.swap_s(w.swap_tokens) + self._stall_s(w)
         if self.two_batch_overlap and w.tokens >= 2:
             return rest + self.two_batch_s(w)
-        if w.routing_rows is not None and self.request_routing is not None:
-            return rest + self.routed_linear_s(w.tokens, w.routing_rows) + self.attention_s(
-                w.attention_pairs, w.kv_tokens_read, w.tokens)
         return rest + self.linear_s(w.tokens) + self.attention_s(w.attention_pairs, w.kv_tokens_read, w.tokens)
+
+    def rank_parts_s(self, w: BatchWork) -> dict[str, float]:
+        """Under per-request routing (``w.routing_rows``), :meth:`rank_s` part by part as it computes it (the parts
+        of :data:`BREAKDOWN_PARTS`; they add up to it): the batch's own dispatch, experts and combine, the online
+        caches' ``expert fetch stall`` on its rows, and the routing-free rest as :meth:`routed_linear_parts_s`. With
+        ``two_batch_overlap`` the two micro-batches' parts one after the other (shared experts whole: they run
+        beside the experts, not the dispatch) and ``hidden by two-batch overlap`` (negative: their makespan minus
+        that sum). Stateful like :meth:`rank_s` (the online caches see the rows): call one of them once per rank
+        and iteration. Without per-request routing: :meth:`breakdown_s`."""
+        if w.routing_rows is None or self.request_routing is None:
+            return self.breakdown_s(w)
+        out = dict.fromkeys(BREAKDOWN_PARTS, 0.0)
+        out["KV swap"] = self.swap_s(w.swap_tokens)
+        if w.tokens <= 0:
+            return out
+        out["LM head"], out["expert fetch stall"] = self.head_s(w.sampled), self._stall_s(w)
+        if self.two_batch_overlap and w.tokens >= 2:
+            out.update(self._two_batch_parts(w))
+            return out
+        out.update(self.routed_linear_parts_s(w.tokens, w.routing_rows))
+        out["attention core"] = self.attention_s(w.attention_pairs, w.kv_tokens_read, w.tokens)
+        return out
 
     def breakdown_s(self, w: BatchWork) -> dict[str, float]:
         """Where one rank's iteration doing ``w`` spends its time, in seconds per part (exact ``linear``, no
@@ -582,6 +620,13 @@ class IterationCost:
     def two_batch_s(self, w: BatchWork) -> float:
         """Embedding and layers of one rank with its batch split into two micro-batches of ``ceil(T / 2)``
         tokens (each half the attention work) overlapped by :func:`two_batch_makespan`."""
+        p, attn, a, d, e, c = self._two_batch_phases(w)
+        return 2 * p.embed_s + two_batch_makespan(a, d, e, c)
+
+    def _two_batch_phases(self, w: BatchWork):
+        """(:class:`LayerParts` at ``ceil(T / 2)``, one micro-batch's attention cores, and the phases ``A``, ``D``,
+        ``E``, ``C`` of :func:`two_batch_makespan`) of :meth:`two_batch_s`; with per-request routing each
+        micro-batch's own dispatch, experts and combine ([2, layers])."""
         p = self.layer_parts(-(-w.tokens // 2))
         attn = self.attention_s(w.attention_pairs / 2, w.kv_tokens_read / 2, w.tokens / 2)
         a = p.pre_s + attn / self.cfg.num_hidden_layers
@@ -592,7 +637,19 @@ class IterationCost:
             for m, half in enumerate(self.routed_halves(w.routing_rows)):
                 mt = self.routed_moe(half)
                 d[m, moe], e[m, moe], c[m, moe] = mt.dispatch_s[0], p.shared_s[moe] + mt.expert_s[0], mt.combine_s[0]
-        return 2 * p.embed_s + two_batch_makespan(a, d, e, c)
+        return p, attn, a, d, e, c
+
+    def _two_batch_parts(self, w: BatchWork) -> dict[str, float]:
+        """The two micro-batches' parts of :meth:`two_batch_s` one after the other, and ``hidden by two-batch
+        overlap`` (:meth:`rank_parts_s`)."""
+        p, attn, a, d, e, c = self._two_batch_phases(w)
+        shared = 2.0 * float(p.shared_s.sum())
+        out = {"embedding": 2 * p.embed_s, "attention side": 2.0 * float(p.pre_s.sum()), "attention core": 2 * attn,
+               "dispatch": float(np.sum(np.broadcast_to(d, (2, len(a))))), "shared experts": shared,
+               "experts": float(np.sum(np.broadcast_to(e, (2, len(a))))) - shared,
+               "combine": float(np.sum(np.broadcast_to(c, (2, len(a)))))}
+        out["hidden by two-batch overlap"] = 2 * p.embed_s + two_batch_makespan(a, d, e, c) - sum(out.values())
+        return out
 
     def swap_s(self, tokens_per_rank: float) -> float:
         """Copying ``tokens_per_rank`` tokens of KV between a device and host memory over its host link, before

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moesim.serve.cost import BatchWork
+from moesim.serve.cost import BatchWork, part_column
 from moesim.serve.kv import KVBlocks, SpillTier
 from workloads.requests import Requests
 from moesim.serve.scheduler import Plan, ReplicaState, SchedulerConfig, plan
@@ -89,7 +89,9 @@ class ServeResult:
     KV columns summed over ranks, and the fullest rank's; ``kv_host_used_blocks``: host blocks holding swapped
     KV once the iteration's swaps are planned; ``attention_pairs``, ``kv_tokens_read``: the batch's attention work; ``slowest_rank`` and its work
     (``slowest_rank_*``): the rank whose time set the lock-step iteration, when the cost has ``rank_s``; with
-    one scheduler, the cost's ``rank_share`` of the batch when it pools ranks)."""
+    one scheduler, the cost's ``rank_share`` of the batch when it pools ranks); under per-request routing also
+    that rank's parts as the cost computed them (``part_*_s``, :func:`moesim.serve.cost.part_column`; NaN in rows
+    of a replica that recorded none; absent when no replica did))."""
 
     requests: Requests
     scheduled_at_s: np.ndarray
@@ -109,13 +111,24 @@ class ServeResult:
 class _Log:
     def __init__(self):
         self.rows = {c: [] for c in ITERATION_COLUMNS}
+        self.parts: dict[str, list] = {}  # part column -> one value per row (NaN where not recorded)
 
     def add(self, *values):
         for c, v in zip(ITERATION_COLUMNS, values):
             self.rows[c].append(v)
 
+    def add_parts(self, parts: dict | None) -> None:
+        """The parts of the row just added (seconds by part name), or None: NaN in every part column."""
+        n = len(self.rows["replica"])
+        for k in parts or ():
+            self.parts.setdefault(part_column(k), [np.nan] * (n - 1))
+        for c, v in self.parts.items():
+            v.append(np.nan)
+        for k, x in (parts or {}).items():
+            self.parts[part_column(k)][-1] = float(x)
+
     def arrays(self) -> dict:
-        return {c: np.array(v) for c, v in self.rows.items()}
+        return {c: np.array(v) for c, v in (self.rows | self.parts).items()}
 
 
 class _Sim:
@@ -214,36 +227,46 @@ class _Sim:
             ends = np.cumsum([w.tokens for w in works])  # rank i's tokens are rows[ends[i] - tokens : ends[i]]
             works = [dataclasses.replace(w, routing_rows=rows, rank=i, rank_rows=rows[e - w.tokens:e])
                      for i, (w, e) in enumerate(zip(works, ends))]
-        dt, slow, slow_work, wait = self.iteration_time(rep, plans, works)
+        dt, slow, slow_work, wait, parts = self.iteration_time(rep, plans, works)
         if not dt > 0:
             raise ValueError(f"iteration time {dt} s is not positive: check the system spec's bandwidths and peaks")
         self.record(rep, plans, works, dt, slow, slow_work, wait)
+        self.log.add_parts(parts)
         rep.clock_s += dt
         for part, p in zip(rep.parts, plans):
             self.apply(rep, part, p)
 
     def iteration_time(self, rep: Replica, plans: list[Plan], works: list[BatchWork]):
-        """(seconds, slowest rank, its work, seconds the KV spill transfers add beyond its compute) of one lock-step
-        iteration; each rank takes max(compute, its spill transfer) when KV spills (module docstring)."""
+        """(seconds, slowest rank, its work, seconds the KV spill transfers add beyond its compute, its parts) of one
+        lock-step iteration; each rank takes max(compute, its spill transfer) when KV spills (module docstring).
+        The parts (the cost's ``rank_parts_s``, adding up to the rank's compute) only under per-request routing,
+        else None (``moesim.serve.metrics.time_breakdown`` rebuilds them from the logged work)."""
         spill = None
         if self.cfg.kv_offload == "spill":
             spill = [rep.spill.transfer_s(p.spill_out_tokens + p.spill_read_tokens) for p in plans]
-        slow, slow_work = 0, works[0]
+        parted = works[0].routing_rows is not None and hasattr(rep.cost, "rank_parts_s")
+        slow, slow_work, parts = 0, works[0], None
         if len(works) == 1:  # one scheduler: the cost may pool the batch over its ranks (rank_share)
-            dt = float(rep.cost.iteration_s(works[0]))
             if hasattr(rep.cost, "rank_share"):
                 slow_work = rep.cost.rank_share(works[0])
+            if parted:
+                parts = rep.cost.rank_parts_s(slow_work)
+                dt = float(sum(parts.values()))
+            else:
+                dt = float(rep.cost.iteration_s(works[0]))
         elif hasattr(rep.cost, "rank_s"):  # per-rank times: the slowest rank sets the lock-step iteration
-            times = [rep.cost.rank_s(w) for w in works]
+            ranks = [rep.cost.rank_parts_s(w) for w in works] if parted else None
+            times = [sum(r.values()) for r in ranks] if parted else [rep.cost.rank_s(w) for w in works]
             total = times if spill is None else [max(c, s) for c, s in zip(times, spill)]
             slow = int(np.argmax(total))
-            return float(total[slow]), slow, works[slow], float(total[slow] - times[slow])
+            return (float(total[slow]), slow, works[slow], float(total[slow] - times[slow]),
+                    ranks[slow] if parted else None)
         else:
             dt = float(rep.cost.ranks_iteration_s(works))
         if spill is None:
-            return dt, slow, slow_work, 0.0
+            return dt, slow, slow_work, 0.0, parts
         total = max(dt, max(spill))  # one plan per rank: one scheduler's is spill[0]
-        return total, slow, slow_work, total - dt
+        return total, slow, slow_work, total - dt, parts
 
     def record(self, rep: Replica, plans: list[Plan], works: list[BatchWork], dt: float, slow: int,
                sw: BatchWork, wait: float) -> None:

@@ -76,37 +76,58 @@ def summarise(result, *, num_devices: int, num_nodes: int, slo_ttft_s: float, sl
 
 
 def time_breakdown(result, costs: dict, samples: int = 200) -> dict:
-    """Where the iterations' time goes, per replica whose cost has ``breakdown_s`` (:class:`IterationCost`):
-    the parts of up to ``samples`` evenly picked iterations (each the rank that set the lock-step time),
-    scaled to all its iterations by the ratio of all iterations' simulated time to the picked ones' (``parts_s``,
-    seconds of the run; they add up to ``simulated_busy_s`` within the interpolation of ``linear``)."""
-    from moesim.serve.cost import BatchWork
-
+    """Where the iterations' time goes, per replica whose cost has ``breakdown_s`` (:class:`IterationCost`), for
+    the rank that set each lock-step iteration's time; ``parts_s`` (seconds of the run) add up to
+    ``simulated_busy_s``. Under per-request routing the engine recorded every iteration's parts as it timed them
+    (``iterations`` columns ``part_*_s``): their sums (``parts_from`` ``"recorded"``). Else (static routing) the
+    parts of up to ``samples`` evenly picked iterations are rebuilt from the logged work, scaled to all its
+    iterations by the ratio of all iterations' simulated time to the picked ones' (within the interpolation of
+    ``linear``). With live KV spill, ``KV spill wait`` is the logged time the spill transfers added."""
     it, out = result.iterations, {}
     for name, cost in costs.items():
         rows = np.flatnonzero(it["replica"] == name) if len(it["replica"]) else np.zeros(0, dtype=int)
         if not hasattr(cost, "breakdown_s") or not len(rows):
             continue
-        pick = rows[np.unique(np.linspace(0, len(rows) - 1, min(samples, len(rows))).astype(int))]
-        acc: dict[str, float] = {}
-        for r in pick:
-            w = BatchWork(int(it["slowest_rank_tokens"][r]), int(it["slowest_rank_sampled"][r]),
-                          float(it["slowest_rank_attention_pairs"][r]), float(it["slowest_rank_kv_tokens_read"][r]),
-                          int(it["slowest_rank_swap_tokens"][r]))
-            for k, v in cost.breakdown_s(w).items():
-                acc[k] = acc.get(k, 0.0) + v
         busy = float(it["duration_s"][rows].sum())
         spill = "spill_tier" in result.replicas.get(name, {})
         # the spill transfers' time beyond compute is known per iteration; the parts share the rest
         wait = it["spill_wait_s"] if spill else np.zeros(len(it["duration_s"]))
-        wait_s = float(wait[rows].sum())
-        scale = (busy - wait_s) / float((it["duration_s"][pick] - wait[pick]).sum())
-        parts = {k: v * scale for k, v in acc.items()}
+        recorded = _recorded_parts(it, rows)
+        if recorded is not None:
+            parts, picked, how = recorded, len(rows), {"parts_from": "recorded"}
+        else:
+            pick = rows[np.unique(np.linspace(0, len(rows) - 1, min(samples, len(rows))).astype(int))]
+            scale = (busy - float(wait[rows].sum())) / float((it["duration_s"][pick] - wait[pick]).sum())
+            parts, picked, how = _rebuilt_parts(it, pick, cost, scale), len(pick), {}
         if spill:
-            parts["KV spill wait"] = wait_s
-        out[name] = {"iterations": int(len(rows)), "sampled_iterations": int(len(pick)),
+            parts["KV spill wait"] = float(wait[rows].sum())
+        out[name] = {"iterations": int(len(rows)), "sampled_iterations": int(picked), **how,
                      "parts_s": parts, "simulated_busy_s": busy}
     return out
+
+
+def _recorded_parts(it: dict, rows: np.ndarray) -> dict | None:
+    """The engine's recorded parts summed over ``rows`` (seconds by part name), or None unless every row has them."""
+    from moesim.serve.cost import BREAKDOWN_PARTS, part_column
+
+    cols = {k: part_column(k) for k in BREAKDOWN_PARTS if part_column(k) in it}
+    if not cols or any(np.isnan(it[c][rows].astype(float)).any() for c in cols.values()):
+        return None
+    return {k: float(it[c][rows].sum()) for k, c in cols.items()}
+
+
+def _rebuilt_parts(it: dict, pick: np.ndarray, cost, scale: float) -> dict:
+    """The cost's ``breakdown_s`` of the slowest rank's logged work in the ``pick`` rows, summed and scaled."""
+    from moesim.serve.cost import BatchWork
+
+    acc: dict[str, float] = {}
+    for r in pick:
+        w = BatchWork(int(it["slowest_rank_tokens"][r]), int(it["slowest_rank_sampled"][r]),
+                      float(it["slowest_rank_attention_pairs"][r]), float(it["slowest_rank_kv_tokens_read"][r]),
+                      int(it["slowest_rank_swap_tokens"][r]))
+        for k, v in cost.breakdown_s(w).items():
+            acc[k] = acc.get(k, 0.0) + v
+    return {k: v * scale for k, v in acc.items()}
 
 
 def _div(x, n):
