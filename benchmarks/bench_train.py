@@ -188,8 +188,9 @@ def sensitivity() -> list[dict]:
     return rows
 
 
-#: the terms of moesim.train.fp8 (FP8 casts) and moesim.train.host (host overhead), each switched off alone
-TERMS = {"fp8_casts": {"fp8_recipe": "none"}, "host": {"host_overhead": "none"}}
+#: the terms of moesim.train.fp8 (FP8 casts), moesim.train.host (host overhead) and moesim.train.moe (token
+#: permute/unpermute kernels), each switched off alone
+TERMS = {"fp8_casts": {"fp8_recipe": "none"}, "host": {"host_overhead": "none"}, "permute": {"moe_permute": False}}
 
 
 def term_effects() -> list[dict]:
@@ -305,9 +306,10 @@ def main(argv: list[str] | None = None) -> Path:
                   "is not enforced here, `fits_80GB` says whether the variant fits):", ""]
         lines += md_table(sensitivity(), "{:,.4g}").split("\n") + [""]
         lines += ["What the FP8 quantization kernels (`fp8_casts`: the case's `fp8_recipe` against `none`, "
-                  "moesim/train/fp8.py) and the host launch time after each MoE dispatch sync (`host`: `eager` against "
+                  "moesim/train/fp8.py), the host launch time after each MoE dispatch sync (`host`: `eager` against "
                   "`none`, moesim/train/host.py; whether the runs used CUDA graphs is unpublished, `eager`, Megatron's "
-                  "default, is assumed) add, each switched off alone (default cost model; `_pts`: points of error):", ""] + md_table(term_effects(), "{:,.4g}").split("\n") + [""]
+                  "default, is assumed) and the MoE token permute/unpermute kernels (`permute`: on against off, "
+                  "moesim/train/moe.py) add, each switched off alone (default cost model; `_pts`: points of error):", ""] + md_table(term_effects(), "{:,.4g}").split("\n") + [""]
         lines += ["Error with the overlap options of moesim/train/overlap.py on (`--overlap-grad-reduce`, "
                   "`--overlap-param-gather`, `--tp-comm-overlap`; off in every case above, Megatron's defaults; whether "
                   "the published runs had them on is unpublished), default cost model:", ""]

@@ -345,7 +345,8 @@ class IterationCost:
             kernels = [o.time_s for o in ops if o.direction == FORWARD and o.phase not in OWN_PHASES]
             parts["pre_s"][moe] = fwd(ops) + mt.router_s[0] + [host_exposure_s(host, kernels, mt, 0, j)
                                                                for j in range(len(moe))]
-            for key, arr in (("dispatch_s", mt.dispatch_s), ("shared_s", mt.shared_s), ("expert_s", mt.expert_s),
+            for key, arr in (("dispatch_s", mt.dispatch_s), ("shared_s", mt.shared_s),
+                             ("expert_s", mt.expert_s + mt.permute_fwd_s),  # with the token (un)permute kernels
                              ("combine_s", mt.combine_s)):
                 parts[key][moe] = arr[0]
         got = self._parts[tokens] = LayerParts(fwd(embedding_ops(cfg, sh, self.timer, self.system)), **parts)
@@ -429,7 +430,8 @@ class IterationCost:
         mt = self.routed_moe(rows)
         d = mt.dispatch_s[0]
         return {"embedding": embed_s, "attention side": base_s - embed_s, "dispatch": float(d.sum()),
-                "shared experts": float(np.maximum(shared_s - d, 0.0).sum()), "experts": float(mt.expert_s[0].sum()),
+                "shared experts": float(np.maximum(shared_s - d, 0.0).sum()),
+                "experts": float((mt.expert_s + mt.permute_fwd_s)[0].sum()),
                 "combine": float(mt.combine_s[0].sum())}
 
     def _unrouted_at(self, t: int) -> tuple[float, np.ndarray, float]:
@@ -636,7 +638,8 @@ class IterationCost:
             d, e, c = (np.tile(x, (2, 1)) for x in (d, e, c))
             for m, half in enumerate(self.routed_halves(w.routing_rows)):
                 mt = self.routed_moe(half)
-                d[m, moe], e[m, moe], c[m, moe] = mt.dispatch_s[0], p.shared_s[moe] + mt.expert_s[0], mt.combine_s[0]
+                routed = (mt.expert_s + mt.permute_fwd_s)[0]  # with the token (un)permute kernels
+                d[m, moe], e[m, moe], c[m, moe] = mt.dispatch_s[0], p.shared_s[moe] + routed, mt.combine_s[0]
         return p, attn, a, d, e, c
 
     def _two_batch_parts(self, w: BatchWork) -> dict[str, float]:

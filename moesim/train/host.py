@@ -34,7 +34,9 @@ next MoE layer's dispatch: the dispatch beside the shared experts, the routed ex
 next block's forward operators up to its router (identical blocks: this block's). Kernels per operator:
 each :class:`moesim.train.ops.Op` is one kernel; the MoE phases count the terms of the cost model's formulas
 (router: GEMM and softmax/top-k, 2; routed and shared experts: gate-up GEMM, SwiGLU, down GEMM, 3 each;
-dispatch and combine: 1 each). No other kernels (permutation, padding, allocator) are counted. Serving decode
+dispatch and combine: 1 each; the token permute and unpermute of :mod:`moesim.train.moe`: 1 each, around the
+all-to-alls, or inside them on the receiver side of a de-duplicating dispatch). No other kernels (padding,
+allocator, the permutation's index building) are counted. Serving decode
 engines that capture the whole forward with sync-free dispatch kernels (DeepEP's low-latency mode) have no
 per-layer sync; there this model is an upper bound.
 
@@ -115,13 +117,18 @@ class HostModel:
 
 
 def moe_segment(host: HostModel, block_fwd_s: list[float], router_s: float, dispatch_s: float, shared_s: float,
-                expert_s: float, combine_s: float, shared: bool,
-                extra: tuple[int, float] = (0, 0.0)) -> list[tuple[int, float, float]]:
+                expert_s: float, combine_s: float, shared: bool, extra: tuple[int, float] = (0, 0.0),
+                permute: tuple[float, float, bool] = (0.0, 0.0, False)) -> list[tuple[int, float, float]]:
     """(kernels, GPU seconds, host seconds per launch) groups of one MoE layer's segment (module docstring): the
     dispatch with the shared experts beside it, ``extra`` (kernels, seconds) before the routed experts (their FP8
     casts), the routed experts, the combine (all eager), then the block's forward kernels ``block_fwd_s`` and the
-    router (a graph each under ``cuda-graphs``)."""
+    router (a graph each under ``cuda-graphs``). ``permute``: (permute seconds, unpermute seconds, receiver side)
+    of the token permutation kernels (:mod:`moesim.train.moe`), one eager kernel each when non-zero: before the
+    dispatch and after the combine, or (receiver side) after the dispatch and before the combine."""
     h = host.kernel_s
-    groups = [(1 + (EXPERT_KERNELS if shared else 0), max(dispatch_s, shared_s), h), (*extra, h),
-              (EXPERT_KERNELS, expert_s, h), (1, combine_s, h)]
+    p, u, receiver = permute
+    perm, unperm = [(1, p, h)] if p > 0 else [], [(1, u, h)] if u > 0 else []
+    dispatch, combine = [(1 + (EXPERT_KERNELS if shared else 0), max(dispatch_s, shared_s), h)], [(1, combine_s, h)]
+    first, last = (dispatch + perm, unperm + combine) if receiver else (perm + dispatch, combine + unperm)
+    groups = first + [(*extra, h), (EXPERT_KERNELS, expert_s, h)] + last
     return groups + host.captured(block_fwd_s) + host.captured([router_s / ROUTER_KERNELS] * ROUTER_KERNELS)

@@ -40,6 +40,18 @@ Megatron's ``MoEAlltoAllTokenDispatcher`` (``megatron/core/transformer/moe/token
 folded into the ``dispatch`` and ``combine`` phases (:func:`etp_comm_s`); the busiest device's received choices
 size them, its etp peers (other EP groups, not simulated) taken to receive as many.
 
+Token permutation (``TrainSpec.moe_permute``, on by default; :func:`permute_kernel_bytes`): Megatron-Core's
+all-to-all dispatcher copies each token's hidden state once per routed choice into expert-sorted order before the
+dispatch (``moe_utils.permute``: ``index_select`` of the rows by ``sorted_indices``) and gathers the combined rows
+back, weighted by the router probabilities, after the combine (``moe_utils.unpermute``); DeepEP's de-duplicated
+dispatch sends one copy per destination and the receiver expands it into its local experts' rows, so the
+copies happen there (on the busiest device's received choices). Each is a memory-bound kernel reading and writing
+every routed row once (``2 x rows x hidden x dtype bytes``, FP8 with its scales) plus an int64 index per row and,
+for the unpermute, an fp32 probability; the backward runs one of each in BF16. Timed through the cost model's
+kernel path (:class:`moesim.train.ops.Kernel`, zero FLOPs), as compute: they occupy the GPU and overlap nothing.
+Megatron's ``--moe-permute-fusion`` (off by default) fuses the index building into TE's kernels but moves the same
+routed rows; the index-building kernels of the unfused path are not counted.
+
 Backward: the input gradient of the combine is an all-to-all shaped like the dispatch and vice versa;
 expert and shared FFNs have an input-gradient and a weight-gradient grouped GEMM of the forward's
 FLOPs each (timed as one forward each); the router has its two GEMMs (see :mod:`moesim.train.ops`).
@@ -60,7 +72,7 @@ from moesim.analytic import group_costs
 from moesim.placement import Placement, contiguous
 from moesim.sim import Routed, SimOptions, activation_bytes, aggregate, check_trace_fits_model
 from moesim.train.collectives import collective_time_s, group_system
-from moesim.train.ops import precise_dtype
+from moesim.train.ops import BACKWARD_INPUT, FORWARD, Kernel, Timer, precise_dtype
 from moesim.train.routing import balanced_trace
 from moesim.train.spec import REPLAYED, TrainError, TrainSpec
 from workloads.hf_config import ModelConfig
@@ -92,10 +104,18 @@ class MoETimes:
     dispatch_dedup: str = "none"  # copies the all-to-all sent (SimOptions.dispatch_dedup, :func:`dispatch_dedup_of`)
     etp_gather_s: np.ndarray | None = None  # [samples, moe_layers] ETP all-gather inside dispatch_s (etp > 1)
     etp_scatter_s: np.ndarray | None = None  # [samples, moe_layers] ETP reduce-scatter inside combine_s (etp > 1)
+    permute_s: np.ndarray | None = None  # [samples, moe_layers] forward token permute kernel (None: not modelled)
+    unpermute_s: np.ndarray | None = None  # [samples, moe_layers] forward unpermute kernel
+    permute_bwd_s: np.ndarray | None = None  # [samples, moe_layers] backward of both (two kernels)
 
     @property
     def num_samples(self) -> int:
         return self.router_s.shape[0]
+
+    @property
+    def permute_fwd_s(self) -> np.ndarray | float:
+        """Forward seconds of the permute and unpermute kernels [samples, moe_layers] (0.0 when not modelled)."""
+        return 0.0 if self.permute_s is None else self.permute_s + self.unpermute_s
 
 
 def sample_trace(trace: Trace, ep: int, tokens_per_device: int, samples: int, layers: int) -> tuple[Trace, float]:
@@ -197,6 +217,8 @@ def balanced_routed(ep: int, tokens_per_device: int, top_k: int, num_experts: in
 # such as forwarding data from NVLink domain to RDMA domain"). DeepEP's low-latency kernels send over RDMA directly,
 # per expert: no de-duplication.
 NODE_DEDUP_KERNELS = ("deepep-normal-v1", "deepseek-v3-all-to-all", "deepep-v2-ep8x2", "deepep-v2-ep8x4")
+PERMUTE_INDEX_BYTES = 8  # int64 row index per permuted row (Megatron's sorted_indices)
+PERMUTE_PROB_BYTES = 4  # fp32 router probability per permuted row, read by the unpermute
 BALANCED_SAMPLE_TOKENS = 2048  # tokens per device of the per-token balanced routing; counts scaled to the rest
 
 
@@ -280,6 +302,9 @@ def moe_times(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostModel
     sliced = dataclasses.replace(model, moe_intermediate_size=model.moe_intermediate_size // par.etp)
     gc = group_costs(ep_system, sliced, gathered, a2a, cost, options, activation_bytes(model, options))
     mt = _with_etp_comm(_collect(gc, routed, samples, used, n_moe, tokens), system, model.hidden_size, options, par.etp)
+    if spec.moe_permute:
+        mt = _with_permute(mt, Timer(cost, system.device, spec.dtype), cfg.num_experts_per_tok, model.hidden_size,
+                           options)
     load = routed.expert_tokens.sum(axis=1).reshape(samples, used, -1).sum(axis=0)
     return dataclasses.replace(mt, expert_load=load, placement=placement if spec.routing in REPLAYED else None,
                                dispatch_dedup=options.dispatch_dedup)
@@ -307,6 +332,45 @@ def _with_etp_comm(mt: MoETimes, system: System, hidden_size: int, options: SimO
     rs = np.vectorize(lambda c: etp_comm_s(system, c, hidden_size, options.combine_dtype or options.dtype, etp)[1])(x)
     return dataclasses.replace(mt, dispatch_s=mt.dispatch_s + ag, combine_s=mt.combine_s + rs, etp_gather_s=ag,
                                etp_scatter_s=rs)
+
+
+def permute_bytes(rows: float, hidden_size: int, dtype: str, probs: bool) -> float:
+    """Bytes of one token (un)permutation kernel over ``rows`` routed (token, expert) rows ``hidden_size`` wide in
+    ``dtype`` (FP8 with its 1x128 scales, :func:`hwmodels.collectives.a2a_payload_bytes`): every row read once and
+    written once, plus its int64 index and, with ``probs``, its fp32 router probability (module docstring)."""
+    extra = PERMUTE_INDEX_BYTES + (PERMUTE_PROB_BYTES if probs else 0)
+    return 2.0 * a2a_payload_bytes(rows, hidden_size, dtype) + rows * extra
+
+
+def permute_kernel_bytes(rows: float, hidden_size: int, options: SimOptions) -> tuple[float, float, float, float]:
+    """(forward permute, forward unpermute, backward of the permute, backward of the unpermute) bytes over ``rows``
+    routed rows: the permute in the dispatch's dtype, the unpermute (weighted by the probabilities) in the combine's;
+    the backward in BF16: the permute's is an unpermute of the permuted rows' gradient (no probabilities), the
+    unpermute's a permute of the output gradient that also reads the probabilities (their gradient)."""
+    grad = precise_dtype(options.dtype)
+    return (permute_bytes(rows, hidden_size, options.dispatch_dtype or options.dtype, False),
+            permute_bytes(rows, hidden_size, options.combine_dtype or options.dtype, True),
+            permute_bytes(rows, hidden_size, grad, False), permute_bytes(rows, hidden_size, grad, True))
+
+
+def _with_permute(mt: MoETimes, timer: Timer, top_k: int, hidden_size: int, options: SimOptions) -> MoETimes:
+    """``mt`` with the permute/unpermute kernels timed through the cost model's memory-bound kernel path: over the
+    device's ``T * top_k`` choices before the dispatch (Megatron's all-to-all dispatcher, sender side), or over the
+    busiest device's received choices after it when the dispatch de-duplicates (DeepEP: receiver side)."""
+    receiver = options.dispatch_dedup != "none"
+    rows = mt.expert_tokens_max if receiver else np.full(mt.router_s.shape, float(mt.tokens_per_device * top_k))
+    memo: dict[float, tuple[float, float, float]] = {}
+
+    def times(r: float) -> tuple[float, float, float]:
+        if r not in memo:
+            t = [timer.kernel(-2, "permute", d, Kernel("moe_permute", 0.0, b)).time_s
+                 for d, b in zip((FORWARD, FORWARD, BACKWARD_INPUT, BACKWARD_INPUT),
+                                 permute_kernel_bytes(r, hidden_size, options))]
+            memo[r] = (t[0], t[1], t[2] + t[3])
+        return memo[r]
+
+    out = np.array([times(float(r)) for r in rows.ravel()]).reshape(*rows.shape, 3)
+    return dataclasses.replace(mt, permute_s=out[..., 0], unpermute_s=out[..., 1], permute_bwd_s=out[..., 2])
 
 
 def _check_placement(placement: Placement | None, layers: int, experts: int, ep: int) -> Placement:

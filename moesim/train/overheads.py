@@ -62,8 +62,11 @@ def host_exposure_s(host: HostModel, block_fwd_s: list[float], mt: MoETimes, g: 
                     extra: tuple[int, float] = (0, 0.0)) -> float:
     """Seconds the GPU waits for the host after MoE layer ``j``'s dispatch sync (sample ``g``), its segment closed by
     the block's forward kernels ``block_fwd_s`` (:func:`moesim.train.host.moe_segment`)."""
+    permute = (0.0, 0.0, False) if mt.permute_s is None else \
+        (float(mt.permute_s[g, j]), float(mt.unpermute_s[g, j]), mt.dispatch_dedup != "none")
     return host.exposure_s(moe_segment(host, block_fwd_s, mt.router_s[g, j], mt.dispatch_s[g, j], mt.shared_s[g, j],
-                                       mt.expert_s[g, j], mt.combine_s[g, j], bool(mt.shared_s[g, j] > 0), extra))
+                                       mt.expert_s[g, j], mt.combine_s[g, j], bool(mt.shared_s[g, j] > 0), extra,
+                                       permute))
 
 
 def _kernel_s(timer: Timer, nbytes: float, direction: str) -> float:

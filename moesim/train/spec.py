@@ -127,6 +127,8 @@ class TrainSpec:
     (:mod:`moesim.train.fp8`; Megatron's ``--fp8-recipe`` names, default ``delayed`` as Megatron's; ``none``: not
     modelled). ``host_overhead``: host launch time the GPU waits for after each MoE dispatch's host sync
     (:mod:`moesim.train.host`): ``eager`` (Megatron's default, no CUDA graphs), ``cuda-graphs`` or ``none``.
+    ``moe_permute``: the MoE token permute/unpermute kernels around the all-to-all (:mod:`moesim.train.moe`; False:
+    not modelled, the step as before them).
     """
 
     parallel: Parallel
@@ -147,6 +149,7 @@ class TrainSpec:
     tp_comm_overlap: bool = False
     fp8_recipe: str = "delayed"
     host_overhead: str = "eager"
+    moe_permute: bool = True
 
     def __post_init__(self):
         if self.seq_len < 1 or self.micro_batch_size < 1:

@@ -172,6 +172,7 @@ def simulate_step(cfg: ModelConfig, system: System, spec: TrainSpec, cost: CostM
             "micro_batches": spec.num_micro_batches, "layers": cfg.num_hidden_layers, "dtype": spec.dtype,
             "routing": spec.routing, "expert_mode": spec.expert_mode, "fssdp_plan": spec.fssdp_plan,
             "offload": spec.offload, "fp8_recipe": spec.fp8_recipe, "host_overhead": spec.host_overhead,
+            "moe_permute": spec.moe_permute and cfg.is_moe,
             "overlap_grad_reduce": spec.overlap_grad_reduce,
             "overlap_param_gather": spec.overlap_param_gather, "tp_comm_overlap": spec.tp_comm_overlap,
             "dispatch_dedup": ctx.moe.dispatch_dedup if ctx.moe is not None else "none",
@@ -237,6 +238,8 @@ def _moe_layer(ctx: _Ctx, j: int, i: int, router_bwd: list[Op]) -> tuple[float, 
     fwd = r + max(d, sh) + e + c
     bwd = d + 2 * e + max(c, sh) + sh + sum(o.time_s for o in router_bwd)
     wgt = e + sh + sum(o.time_s for o in router_bwd if o.direction == BACKWARD_WEIGHT)
+    if mt.permute_s is not None:  # the token permute/unpermute kernels (compute, not hidden by the all-to-all)
+        fwd, bwd = fwd + mt.permute_s[g, j] + mt.unpermute_s[g, j], bwd + mt.permute_bwd_s[g, j]
     ov = ctx.overheads
     if ov is not None:
         fwd, bwd = fwd + ov.cast_fwd_s[g, j] + ov.host_s[g, j], bwd + ov.cast_bwd_s[g, j]
@@ -640,8 +643,13 @@ def _moe_phases(ctx: _Ctx, layer: int, j: int, router_bwd: list[Op], add) -> Non
         add(layer, "shared_ffn", BACKWARD_WEIGHT, COMPUTE, sh)
         for o in router_bwd:
             add(layer, "router", o.direction, COMPUTE, o.time_s)
+        perm = 0.0
+        if mt.permute_s is not None:
+            perm = mt.permute_s[g, j] + mt.unpermute_s[g, j]
+            add(layer, "permute", FORWARD, COMPUTE, perm)
+            add(layer, "permute", BACKWARD_INPUT, COMPUTE, mt.permute_bwd_s[g, j])
         if ctx.spec.recompute == "full":
-            add(layer, "recompute", BACKWARD_INPUT, COMPUTE, r + max(d, sh) + e + c)
+            add(layer, "recompute", BACKWARD_INPUT, COMPUTE, r + max(d, sh) + e + c + perm)
         _overhead_phases(ctx.overheads, layer, g, j, ctx.spec.recompute == "full", add)
     if ctx.overheads is not None and ctx.overheads.weight_cast_s > 0:
         add(layer, "fp8_cast", PER_STEP, COMPUTE, ctx.overheads.weight_cast_s)

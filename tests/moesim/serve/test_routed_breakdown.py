@@ -44,11 +44,12 @@ def test_the_parts_are_the_batchs_own_routing_and_add_up_to_the_rank_time(tbo):
     static = ic.breakdown_s(w)  # the balanced replay the breakdown used to show
     if tbo:
         halves = ic.routed_halves(w.routing_rows)
-        assert parts["experts"] == pytest.approx(sum(float(ic.routed_moe(h).expert_s[0].sum()) for h in halves))
+        routed = [ic.routed_moe(h) for h in halves]  # experts with the token (un)permute kernels
+        assert parts["experts"] == pytest.approx(sum(float((m.expert_s + m.permute_fwd_s)[0].sum()) for m in routed))
         assert parts["hidden by two-batch overlap"] < 0
     else:
         mt = ic.routed_moe(w.routing_rows)
-        assert parts["experts"] == pytest.approx(float(mt.expert_s[0].sum()), rel=1e-12)
+        assert parts["experts"] == pytest.approx(float((mt.expert_s + mt.permute_fwd_s)[0].sum()), rel=1e-12)
         assert parts["dispatch"] == pytest.approx(float(mt.dispatch_s[0].sum()), rel=1e-12)
         assert parts["hidden by two-batch overlap"] == 0
         # 8 of the 64 experts hold every choice: far fewer expert weights read than the balanced replay's

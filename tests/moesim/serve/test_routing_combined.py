@@ -65,7 +65,7 @@ def test_two_batch_overlap_gives_each_micro_batch_its_own_rows(flame):
     p = ic.layer_parts(T // 2)
     a = p.pre_s + ic.attention_s(w.attention_pairs / 2, w.kv_tokens_read / 2, T / 2) / ic.cfg.num_hidden_layers
     want = 2 * p.embed_s + two_batch_makespan(a, np.stack([m.dispatch_s[0] for m in mts]),
-                                              np.stack([p.shared_s + m.expert_s[0] for m in mts]),
+                                              np.stack([p.shared_s + (m.expert_s + m.permute_fwd_s)[0] for m in mts]),
                                               np.stack([m.combine_s[0] for m in mts]))
     assert ic.rank_s(w) == pytest.approx(ic.head_s(T) + want, rel=1e-12)
 
@@ -78,7 +78,8 @@ def test_two_batch_overlap_with_equal_halves_is_the_one_micro_batch_replay(flame
     w = BatchWork(tokens=T, sampled=0, attention_pairs=float(T), kv_tokens_read=float(T), routing_rows=rows)
     mt, p = ic.routed_moe(half), ic.layer_parts(T // 2)
     a = p.pre_s + ic.attention_s(w.attention_pairs / 2, w.kv_tokens_read / 2, T / 2) / ic.cfg.num_hidden_layers
-    one = 2 * p.embed_s + two_batch_makespan(a, mt.dispatch_s[0], p.shared_s + mt.expert_s[0], mt.combine_s[0])
+    routed = p.shared_s + (mt.expert_s + mt.permute_fwd_s)[0]  # with the token (un)permute kernels
+    one = 2 * p.embed_s + two_batch_makespan(a, mt.dispatch_s[0], routed, mt.combine_s[0])
     assert ic.rank_s(w) == pytest.approx(one, rel=1e-12)
 
 
