@@ -88,6 +88,12 @@ def _add_scheduler_flags(p) -> None:
                    "memory; iterations read spilled KV over that link, overlapping compute)")
     p.add_argument("--kv-spill-gib", type=float_in(0, 1e9, open_lo=True), default=None,
                    help="at most this much KV per device in the spill tier (default: the tier's share per device)")
+    p.add_argument("--kv-sram-gib", type=float_in(0, 1e9), default=0.0,
+                   help="reserve this much of the on-chip SRAM tier above HBM per device (SN40L) for the newest KV "
+                   "blocks of running requests, read by attention at SRAM bandwidth; older blocks move down to HBM "
+                   "as SRAM fills, overlapping compute (default 0: off; refused above the SRAM per device or "
+                   "without such a tier). The serving cost model does not model SRAM capacity for weight streaming, "
+                   "so reserving it changes no weight time")
     p.add_argument("--memory-fraction", type=float_in(0, 1, open_lo=True), default=0.9,
                    help="part of HBM for weights and KV cache (vLLM's gpu_memory_utilization)")
     p.add_argument("--slo-ttft-s", type=float_in(0, None, open_lo=True), default=2.0, help="TTFT SLO for goodput")
@@ -200,8 +206,15 @@ def _replicas(args, system, cfg, sched, trace):
             from moesim.serve.kv import spill_tier
             limit = args.kv_spill_gib * GiB if args.kv_spill_gib is not None else None
             spill = spill_tier(pool, ic.kv_bytes_per_token, sched.block_size, limit)
+        sram = None
+        if args.kv_sram_gib > 0:
+            from moesim.serve.kv import sram_tier
+            try:
+                sram = sram_tier(pool, ic.kv_bytes_per_token, sched.block_size, args.kv_sram_gib * GiB)
+            except ValueError as exc:
+                raise ServeError(str(exc)) from None
         out.append(Replica(role, ic, KVBlocks(ic.kv_capacity_blocks(sched.block_size), sched.block_size), role=role,
-                           host=host, ranks=dp, spill=spill))
+                           host=host, ranks=dp, spill=spill, sram=sram))
     return out
 
 
@@ -344,7 +357,8 @@ def _config(args, cfg, system, req, replicas, sched, wall_s) -> dict:
             "num_devices": system.num_devices, "requests_source": req.source, "seed": args.seed,
             "scheduler": {"max_num_batched_tokens": sched.max_num_batched_tokens, "max_num_seqs": sched.max_num_seqs,
                           "block_size": sched.block_size, "chunked_prefill": sched.chunked_prefill,
-                          "preemption": sched.preemption, "kv_offload": sched.kv_offload},
+                          "preemption": sched.preemption, "kv_offload": sched.kv_offload,
+                          **({"kv_sram_gib": args.kv_sram_gib} if args.kv_sram_gib > 0 else {})},
             "pools": {r.name: r.cost.describe() for r in replicas}, "disaggregate": args.disaggregate,
             "routing": "synthetic" if args.request_routing == "synthetic" else "trace" if args.trace else "balanced",
             "trace": args.trace, "ep_mode": args.ep_mode,

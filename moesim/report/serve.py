@@ -38,6 +38,7 @@ PART_DEFS = {
     "LM head": "final norm and LM head of the sequences that sample a token",
     "KV swap": "KV copied between HBM and host memory for swapped preemptions",
     "KV spill wait": "time an iteration waited beyond its compute for KV moved to or read from the spill tier",
+    "KV SRAM move-down wait": "time an iteration waited beyond its compute for KV blocks moved from SRAM down to HBM",
     "expert fetch stall": "time waiting for routed-expert weights fetched into HBM on cache misses",
     "hidden by two-batch overlap": "(negative) time the two micro-batches' overlap saves",
 }

@@ -188,6 +188,8 @@ class BatchWork:
     attention_pairs: float
     kv_tokens_read: float
     swap_tokens: int = 0
+    #: of ``kv_tokens_read``, those read from on-chip SRAM (``--kv-sram-gib``, :class:`moesim.serve.kv.SramBlocks`)
+    kv_tokens_read_sram: float = 0.0
     #: trace rows of the batch's tokens (all ranks'; :class:`moesim.serve.routing.RequestRouting`), or None
     routing_rows: np.ndarray | None = field(default=None, compare=False, repr=False)
     #: the data-parallel rank doing this work and its own rows (a slice of ``routing_rows``; None: all of them)
@@ -503,23 +505,33 @@ class IterationCost:
             v = self._head[sequences] = sum(o.time_s for o in ops if o.direction == FORWARD and o.phase != "loss")
         return v
 
-    def attention_kernel(self, pairs: float, kv_read: float, tokens: float) -> Kernel:
+    def attention_kernel(self, pairs: float, kv_read: float, tokens: float, kv_read_sram: float = 0.0) -> Kernel:
         """Work of one layer's attention core on one device (see the module docstring); Q and O in the precise
         dtype (BF16 under FP8: attention stays in BF16, :mod:`moesim.train.ops`), and, as the training core, its
-        GEMM equivalent ``[heads x tokens, d_qk + d_v] x [d_qk + d_v, pairs / tokens]`` (the same FLOPs)."""
+        GEMM equivalent ``[heads x tokens, d_qk + d_v] x [d_qk + d_v, pairs / tokens]`` (the same FLOPs).
+        ``kv_read_sram`` of the ``kv_read`` tokens come from on-chip SRAM: their bytes count as the bytes the
+        main memory would move in the same time (x main / SRAM bandwidth), so the roofline's memory time is
+        HBM bytes / HBM bandwidth + SRAM bytes / SRAM bandwidth."""
         b = DTYPE_BYTES[self.timer.precise_dtype]
-        io = kv_read * self.kv_bytes_per_token_layer + tokens * (self._qo_elems * b + FP32_BYTES)
+        kv_bytes = kv_read * self.kv_bytes_per_token_layer
+        if kv_read_sram > 0:
+            sram_bytes = kv_read_sram * self.kv_bytes_per_token_layer
+            kv_bytes += sram_bytes * (self.system.device.main_memory.bandwidth_bytes_per_s
+                                      / self.sram_read_bandwidth_bytes_per_s - 1.0)
+        io = kv_bytes + tokens * (self._qo_elems * b + FP32_BYTES)
         flops = self._flops_per_pair * pairs
         m, n, k = max(1, math.ceil(self._core_heads * tokens)), max(1, round(pairs / tokens)), self._core_dim
         return Kernel("paged_attention_fwd", flops, io, (m, n, k), flops / (2.0 * m * n * k))
 
-    def attention_s(self, pairs_per_rank: float, kv_read_per_rank: float, tokens_per_rank: float) -> float:
+    def attention_s(self, pairs_per_rank: float, kv_read_per_rank: float, tokens_per_rank: float,
+                    kv_read_sram_per_rank: float = 0.0) -> float:
         """All layers' attention cores for one rank's share of the batch, in the precise dtype: the cost model's
         time of the GEMM equivalent (its fitted efficiency, as the training core), but never less than the spec
-        roofline of the kernel's bytes and FLOPs (the KV read bounds decode)."""
+        roofline of the kernel's bytes and FLOPs (the KV read bounds decode; ``kv_read_sram_per_rank`` of the KV
+        tokens read at the SRAM's bandwidth, :meth:`attention_kernel`)."""
         if tokens_per_rank <= 0:
             return 0.0
-        k = self.attention_kernel(pairs_per_rank, kv_read_per_rank, tokens_per_rank)
+        k = self.attention_kernel(pairs_per_rank, kv_read_per_rank, tokens_per_rank, kv_read_sram_per_rank)
         cost, dev, dtype = self.timer.cost, self.system.device, self.timer.precise_dtype
         per_layer = max(kernel_cost(cost, dev, k, dtype).time_s, kernel_cost(cost, dev, replace(k, gemm_shape=None),
                                                                              dtype).time_s)
@@ -534,7 +546,8 @@ class IterationCost:
         """One rank's share of the whole batch ``w`` split evenly over the ``dp`` ranks (the pooled model)."""
         dp = self.layout.dp
         return BatchWork(-(-w.tokens // dp), -(-w.sampled // dp), w.attention_pairs / dp, w.kv_tokens_read / dp,
-                         w.swap_tokens / dp, routing_rows=w.routing_rows)
+                         w.swap_tokens / dp, routing_rows=w.routing_rows,
+                         kv_tokens_read_sram=w.kv_tokens_read_sram / dp)
 
     def ranks_iteration_s(self, works: list[BatchWork]) -> float:
         """Seconds of one iteration of the ``dp`` ranks doing ``works`` (one each) in lock step: the slowest
@@ -573,7 +586,8 @@ class IterationCost:
         rest = self.head_s(w.sampled) + self.swap_s(w.swap_tokens) + self._stall_s(w)
         if self.two_batch_overlap and w.tokens >= 2:
             return rest + self.two_batch_s(w)
-        return rest + self.linear_s(w.tokens) + self.attention_s(w.attention_pairs, w.kv_tokens_read, w.tokens)
+        return rest + self.linear_s(w.tokens) + self.attention_s(w.attention_pairs, w.kv_tokens_read, w.tokens,
+                                                                 w.kv_tokens_read_sram)
 
     def rank_parts_s(self, w: BatchWork) -> dict[str, float]:
         """Under per-request routing (``w.routing_rows``), :meth:`rank_s` part by part as it computes it (the parts
@@ -594,7 +608,7 @@ class IterationCost:
             out.update(self._two_batch_parts(w))
             return out
         out.update(self.routed_linear_parts_s(w.tokens, w.routing_rows))
-        out["attention core"] = self.attention_s(w.attention_pairs, w.kv_tokens_read, w.tokens)
+        out["attention core"] = self.attention_s(w.attention_pairs, w.kv_tokens_read, w.tokens, w.kv_tokens_read_sram)
         return out
 
     def breakdown_s(self, w: BatchWork) -> dict[str, float]:
@@ -610,7 +624,7 @@ class IterationCost:
             return out
         p = self.layer_parts(w.tokens)
         out["embedding"], out["attention side"] = p.embed_s, float(p.pre_s.sum())
-        out["attention core"] = self.attention_s(w.attention_pairs, w.kv_tokens_read, w.tokens)
+        out["attention core"] = self.attention_s(w.attention_pairs, w.kv_tokens_read, w.tokens, w.kv_tokens_read_sram)
         out["dispatch"], out["experts"], out["combine"] = (float(p.dispatch_s.sum()), float(p.expert_s.sum()),
                                                             float(p.combine_s.sum()))
         out["shared experts"] = float(np.maximum(p.shared_s - p.dispatch_s, 0.0).sum())
@@ -630,7 +644,7 @@ class IterationCost:
         ``E``, ``C`` of :func:`two_batch_makespan`) of :meth:`two_batch_s`; with per-request routing each
         micro-batch's own dispatch, experts and combine ([2, layers])."""
         p = self.layer_parts(-(-w.tokens // 2))
-        attn = self.attention_s(w.attention_pairs / 2, w.kv_tokens_read / 2, w.tokens / 2)
+        attn = self.attention_s(w.attention_pairs / 2, w.kv_tokens_read / 2, w.tokens / 2, w.kv_tokens_read_sram / 2)
         a = p.pre_s + attn / self.cfg.num_hidden_layers
         d, e, c = p.dispatch_s, p.shared_s + p.expert_s, p.combine_s
         if w.routing_rows is not None and self.request_routing is not None:  # each micro-batch's own rows
@@ -653,6 +667,17 @@ class IterationCost:
                "combine": float(np.sum(np.broadcast_to(c, (2, len(a)))))}
         out["hidden by two-batch overlap"] = 2 * p.embed_s + two_batch_makespan(a, d, e, c) - sum(out.values())
         return out
+
+    @property
+    def sram_read_bandwidth_bytes_per_s(self) -> float:
+        """Bandwidth of the tier above the KV's (SRAM on an SN40L) that KV held there is read at
+        (:func:`moesim.serve.kv.sram_tier`'s choice of tier)."""
+        from moesim.serve.kv import tier_above_kv
+
+        tier = tier_above_kv(self.system)
+        if tier is None:
+            raise ServeError(f"{self.system.name} has no memory tier above {self.system.device.main_memory.name}")
+        return tier.bandwidth_bytes_per_s
 
     def swap_s(self, tokens_per_rank: float) -> float:
         """Copying ``tokens_per_rank`` tokens of KV between a device and host memory over its host link, before

@@ -20,6 +20,15 @@ KV its plan spills and reads the spilled KV its batch attends over across the ti
 compute: the rank takes ``max(compute, spill.transfer_s(spilled + read tokens))``; the lock-step iteration the
 slowest rank's. ``spill_wait_s`` logs what the transfer adds beyond that rank's compute.
 
+SRAM above the KV tier (a replica with an ``sram`` tier, ``--kv-sram-gib``, :class:`moesim.serve.kv.SramTier`): each
+rank keeps the newest KV blocks of its running requests in SRAM (:class:`moesim.serve.kv.SramBlocks`; every block a
+request starts writing enters, the block that entered first moves down to HBM when SRAM is full; blocks keep their
+home in the HBM pool, so admission and preemption are unchanged). The batch's KV tokens in SRAM go to the cost as
+``BatchWork.kv_tokens_read_sram`` (attention reads them at the SRAM's bandwidth); the blocks moved down take
+``sram.transfer_s(tokens)`` over the SRAM-HBM channel, overlapping compute as the spill does (the rank takes the
+max of compute and each transfer; ``spill_wait_s`` holds the excess). Optional columns ``kv_sram_used_blocks``,
+``sram_out_tokens``, ``kv_tokens_read_sram`` and ``slowest_rank_kv_tokens_read_sram`` are logged only then.
+
 A request whose KV at its end (``prompt + output - 1`` tokens; ``prompt`` on a prefill replica) exceeds the
 whole KV capacity of one rank of a replica it would use can never run: it is rejected at arrival and counted, never
 silently dropped.
@@ -36,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moesim.serve.cost import BatchWork, part_column
-from moesim.serve.kv import KVBlocks, SpillTier
+from moesim.serve.kv import KVBlocks, SpillTier, SramBlocks, SramTier
 from workloads.requests import Requests
 from moesim.serve.scheduler import Plan, ReplicaState, SchedulerConfig, plan
 
@@ -57,6 +66,7 @@ class Rank:
     kv: KVBlocks
     host: KVBlocks | None
     spill: KVBlocks | None = None
+    sram: SramBlocks | None = None
 
 
 @dataclass
@@ -72,6 +82,7 @@ class Replica:
     host: KVBlocks | None = None  # host-memory blocks for swapped-out KV (preemption "swap")
     ranks: int = 1
     spill: SpillTier | None = None  # the tier live KV spills to (kv_offload "spill"), per rank
+    sram: SramTier | None = None  # SRAM above the KV tier holding the newest KV blocks (--kv-sram-gib), per rank
     clock_s: float = 0.0
     incoming: list = field(default_factory=list)  # heap of (time_s, seq, request)
     parts: list = field(default_factory=list)
@@ -112,6 +123,7 @@ class _Log:
     def __init__(self):
         self.rows = {c: [] for c in ITERATION_COLUMNS}
         self.parts: dict[str, list] = {}  # part column -> one value per row (NaN where not recorded)
+        self.extra: dict[str, list] = {}  # optional column -> one value per row
 
     def add(self, *values):
         for c, v in zip(ITERATION_COLUMNS, values):
@@ -127,8 +139,18 @@ class _Log:
         for k, x in (parts or {}).items():
             self.parts[part_column(k)][-1] = float(x)
 
+    def add_extra(self, values: dict) -> None:
+        """Optional columns of the row just added (SRAM KV); rows without them read 0."""
+        n = len(self.rows["replica"])
+        for k, x in values.items():
+            col = self.extra.setdefault(k, [])
+            col.extend([0] * (n - 1 - len(col)))
+            col.append(x)
+
     def arrays(self) -> dict:
-        return {c: np.array(v) for c, v in (self.rows | self.parts).items()}
+        n = len(self.rows["replica"])
+        extra = {k: v + [0] * (n - len(v)) for k, v in self.extra.items()}
+        return {c: np.array(v) for c, v in (self.rows | self.parts | extra).items()}
 
 
 class _Sim:
@@ -159,7 +181,8 @@ class _Sim:
         spill = None
         if self.cfg.kv_offload == "spill":
             spill = st.spill = KVBlocks(rep.spill.capacity_blocks, rep.kv.block_size)
-        return Rank(st, dataclasses.replace(rep.kv, used_blocks=0, peak_blocks=0), host, spill)
+        sram = SramBlocks(rep.sram.capacity_blocks) if rep.sram is not None else None
+        return Rank(st, dataclasses.replace(rep.kv, used_blocks=0, peak_blocks=0), host, spill, sram)
 
     def count_done(self, n: int) -> None:
         self.done += n
@@ -220,6 +243,8 @@ class _Sim:
         if not any(len(p.ids) for p in plans):
             return
         works = [_work(p) for p in plans]
+        sram_out = [_place_sram(part, p, rep.kv.block_size) for part, p in zip(rep.parts, plans)]
+        works = [dataclasses.replace(w, kv_tokens_read_sram=s[1]) for w, s in zip(works, sram_out)]
         routing = getattr(rep.cost, "request_routing", None)
         if routing is not None:  # per-request routing: every rank's work carries all ranks' token rows (one EP group)
             rows = routing.rows(np.concatenate([p.ids for p in plans]), np.concatenate([p.context for p in plans]),
@@ -227,16 +252,21 @@ class _Sim:
             ends = np.cumsum([w.tokens for w in works])  # rank i's tokens are rows[ends[i] - tokens : ends[i]]
             works = [dataclasses.replace(w, routing_rows=rows, rank=i, rank_rows=rows[e - w.tokens:e])
                      for i, (w, e) in enumerate(zip(works, ends))]
-        dt, slow, slow_work, wait, parts = self.iteration_time(rep, plans, works)
+        dt, slow, slow_work, wait, parts = self.iteration_time(rep, plans, works, [s[0] for s in sram_out])
         if not dt > 0:
             raise ValueError(f"iteration time {dt} s is not positive: check the system spec's bandwidths and peaks")
         self.record(rep, plans, works, dt, slow, slow_work, wait)
         self.log.add_parts(parts)
+        if rep.sram is not None:
+            self.log.add_extra({"kv_sram_used_blocks": sum(part.sram.used_blocks for part in rep.parts),
+                                "sram_out_tokens": sum(s[0] for s in sram_out),
+                                "kv_tokens_read_sram": sum(s[1] for s in sram_out),
+                                "slowest_rank_kv_tokens_read_sram": slow_work.kv_tokens_read_sram})
         rep.clock_s += dt
         for part, p in zip(rep.parts, plans):
             self.apply(rep, part, p)
 
-    def iteration_time(self, rep: Replica, plans: list[Plan], works: list[BatchWork]):
+    def iteration_time(self, rep: Replica, plans: list[Plan], works: list[BatchWork], sram_out=None):
         """(seconds, slowest rank, its work, seconds the KV spill transfers add beyond its compute, its parts) of one
         lock-step iteration; each rank takes max(compute, its spill transfer) when KV spills (module docstring).
         The parts (the cost's ``rank_parts_s``, adding up to the rank's compute) only under per-request routing,
@@ -244,6 +274,9 @@ class _Sim:
         spill = None
         if self.cfg.kv_offload == "spill":
             spill = [rep.spill.transfer_s(p.spill_out_tokens + p.spill_read_tokens) for p in plans]
+        if rep.sram is not None:  # blocks moving down from SRAM overlap compute on their own channel too
+            down = [rep.sram.transfer_s(t) for t in sram_out]
+            spill = down if spill is None else [max(a, b) for a, b in zip(spill, down)]
         parted = works[0].routing_rows is not None and hasattr(rep.cost, "rank_parts_s")
         slow, slow_work, parts = 0, works[0], None
         if len(works) == 1:  # one scheduler: the cost may pool the batch over its ranks (rank_share)
@@ -299,6 +332,8 @@ class _Sim:
         new = g[st.generated[g] == 1]
         self.times["first"][new] = end
         fin = g[st.generated[g] >= st.target[g]]
+        if part.sram is not None:
+            part.sram.release(np.concatenate([fin, np.asarray(p.preempted, dtype=np.int64)]))
         if len(fin):
             part.kv.release(int(st.held[fin].sum()))
             st.held[fin] = 0
@@ -334,6 +369,23 @@ def _work(p: Plan) -> BatchWork:
                      kv_tokens_read=float(np.sum(p.context + n)), swap_tokens=p.swap_out_tokens + p.swap_in_tokens)
 
 
+def _place_sram(part: Rank, p: Plan, block_size: int) -> tuple[int, float]:
+    """(KV tokens moved down from SRAM, KV tokens the batch reads from SRAM) of one rank's plan: the blocks its
+    requests start writing enter SRAM (:meth:`SramBlocks.write`); preempted requests' SRAM blocks go first.
+    (0, 0.0) without SRAM. Spilled blocks (a prefix of a request) are never read from SRAM."""
+    sram = part.sram
+    if sram is None:
+        return 0, 0.0
+    sram.release(p.preempted)
+    end = p.context + p.tokens
+    new = -(-end // block_size) - (-(-p.context // block_size))
+    moved = sram.write([r for r, k in zip(p.ids.tolist(), new.tolist()) for _ in range(k)])
+    st = part.state
+    read = sum(min(sram.tokens(r, e, block_size), e - int(st.spilled[r]) * block_size)
+               for r, e in zip(p.ids.tolist(), end.tolist()))
+    return moved * block_size, float(read)
+
+
 def simulate(requests: Requests, replicas: list[Replica], sched: SchedulerConfig, *,
              transfer: tuple[float, float, float] | None = None, progress=None) -> ServeResult:
     """Serve ``requests`` on ``replicas`` (one colocated replica, or [prefill, decode] with ``transfer`` =
@@ -362,6 +414,11 @@ def _replica_info(rep: Replica) -> dict:
         "spill_capacity_blocks_per_rank": rep.spill.capacity_blocks,
         "spill_peak_blocks_per_rank": max(s.peak_blocks for s in spills),
         "spill_bytes_per_token_per_device": rep.spill.bytes_per_token}
+    srams = [p.sram for p in rep.parts if p.sram is not None]
+    if srams:
+        spill.update({"sram_tier": rep.sram.name, "sram_capacity_blocks_per_rank": rep.sram.capacity_blocks,
+                      "sram_peak_blocks_per_rank": max(s.peak_blocks for s in srams),
+                      "sram_bytes_per_token_per_device": rep.sram.bytes_per_token})
     return {**spill, "role": rep.role, "ranks": len(rep.parts), "kv_block_size": rep.kv.block_size,
             "kv_capacity_blocks_per_rank": rep.kv.capacity_blocks,
             "kv_peak_blocks_per_rank": max(p.kv.peak_blocks for p in rep.parts),

@@ -10,7 +10,9 @@ in all), the fullest rank's peak (``peak_fraction``), mean use, host blocks for 
 over time (all ranks, and the fullest rank; at most ``kv_points`` iteration rows, evenly picked). With live KV
 spill (``--kv-offload spill``) also the spill tier's capacity, peak and use over time and ``offload``: tokens
 spilled and read back, bytes per tier path per device (mean over the pool's devices) and the seconds the spill
-transfers added beyond compute.
+transfers added beyond compute. With SRAM for KV (``--kv-sram-gib``) also the SRAM's capacity and peak in blocks
+and tokens per rank, the KV tokens in SRAM over time (all ranks), the KV moved down from SRAM to HBM (tokens, and
+bytes per device) and the KV tokens attention read from SRAM (and their fraction of all KV tokens read).
 Preemption: count, requests hit, evicted (recomputed) tokens and swapped-out tokens.
 """
 
@@ -89,8 +91,9 @@ def time_breakdown(result, costs: dict, samples: int = 200) -> dict:
         if not hasattr(cost, "breakdown_s") or not len(rows):
             continue
         busy = float(it["duration_s"][rows].sum())
-        spill = "spill_tier" in result.replicas.get(name, {})
-        # the spill transfers' time beyond compute is known per iteration; the parts share the rest
+        info = result.replicas.get(name, {})
+        spill = "spill_tier" in info or "sram_tier" in info
+        # the spill (and SRAM move-down) transfers' time beyond compute is known per iteration; the parts share the rest
         wait = it["spill_wait_s"] if spill else np.zeros(len(it["duration_s"]))
         recorded = _recorded_parts(it, rows)
         if recorded is not None:
@@ -100,7 +103,7 @@ def time_breakdown(result, costs: dict, samples: int = 200) -> dict:
             scale = (busy - float(wait[rows].sum())) / float((it["duration_s"][pick] - wait[pick]).sum())
             parts, picked, how = _rebuilt_parts(it, pick, cost, scale), len(pick), {}
         if spill:
-            parts["KV spill wait"] = float(wait[rows].sum())
+            parts["KV spill wait" if "spill_tier" in info else "KV SRAM move-down wait"] = float(wait[rows].sum())
         out[name] = {"iterations": int(len(rows)), "sampled_iterations": int(picked), **how,
                      "parts_s": parts, "simulated_busy_s": busy}
     return out
@@ -121,10 +124,12 @@ def _rebuilt_parts(it: dict, pick: np.ndarray, cost, scale: float) -> dict:
     from moesim.serve.cost import BatchWork
 
     acc: dict[str, float] = {}
+    sram = it.get("slowest_rank_kv_tokens_read_sram")  # --kv-sram-gib: the KV tokens read from SRAM
     for r in pick:
         w = BatchWork(int(it["slowest_rank_tokens"][r]), int(it["slowest_rank_sampled"][r]),
                       float(it["slowest_rank_attention_pairs"][r]), float(it["slowest_rank_kv_tokens_read"][r]),
-                      int(it["slowest_rank_swap_tokens"][r]))
+                      int(it["slowest_rank_swap_tokens"][r]),
+                      kv_tokens_read_sram=float(sram[r]) if sram is not None else 0.0)
         for k, v in cost.breakdown_s(w).items():
             acc[k] = acc.get(k, 0.0) + v
     return {k: v * scale for k, v in acc.items()}
@@ -156,7 +161,26 @@ def _kv(result, points: int) -> dict:
                                    .astype(float).tolist()}}
         if "spill_tier" in info:
             out[name].update(_spill(it, rows, pick, info))
+        if "sram_tier" in info:
+            out[name].update(_sram(it, rows, pick, info))
     return out
+
+
+def _sram(it: dict, rows: np.ndarray, pick: np.ndarray, info: dict) -> dict:
+    """The SRAM KV tier's part of ``kv`` for one replica (``--kv-sram-gib``; see the module docstring)."""
+    cap, ranks, block = info["sram_capacity_blocks_per_rank"], info["ranks"], info["kv_block_size"]
+    moved = int(it["sram_out_tokens"][rows].sum())
+    read = float(it["kv_tokens_read_sram"][rows].sum())
+    return {"sram_tier": info["sram_tier"], "sram_capacity_blocks_per_rank": cap,
+            "sram_capacity_tokens_per_rank": cap * block,
+            "sram_peak_blocks_per_rank": info["sram_peak_blocks_per_rank"],
+            "sram_peak_tokens_per_rank": info["sram_peak_blocks_per_rank"] * block,
+            "sram_over_time": {"time_s": it["start_s"][pick].astype(float).tolist(),
+                               "used_tokens": (it["kv_sram_used_blocks"][pick] * block).astype(int).tolist()},
+            "sram_moved_down_tokens": moved,
+            "sram_moved_down_bytes_per_device": moved * info["sram_bytes_per_token_per_device"] / ranks,
+            "sram_read_tokens": read,
+            "sram_read_fraction": read / max(1.0, float(it["kv_tokens_read"][rows].sum()))}
 
 
 def _spill(it: dict, rows: np.ndarray, pick: np.ndarray, info: dict) -> dict:
