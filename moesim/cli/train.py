@@ -102,24 +102,15 @@ def _add_overhead_flags(p) -> None:
 
 
 def _spec(args, num_devices: int):
-    from moesim.train.spec import Parallel, TrainError, TrainSpec
+    from moesim.train.spec import TrainError, spec_from_options
 
     model_parallel = args.tp * args.cp * args.pp
     dp = args.dp if args.dp is not None else num_devices // model_parallel
     if dp < 1:
         raise TrainError(f"--tp x --cp x --pp = {model_parallel} exceeds the {num_devices} devices")
     v = args.virtual_stages if args.virtual_stages is not None else (2 if args.schedule == "interleaved" else 1)
-    par = Parallel(tp=args.tp, pp=args.pp, dp=dp, ep=args.ep, zero=args.zero, virtual_stages=v,
-                   first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers,
-                   cp=args.cp, etp=args.etp)
     gbs = args.global_batch_size if args.global_batch_size is not None else 8 * args.micro_batch_size * dp
-    return TrainSpec(parallel=par, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size, global_batch_size=gbs,
-                     schedule=args.schedule, recompute=args.recompute, dtype=args.dtype,
-                     routing=_routing(args), routing_samples=args.routing_samples,
-                     expert_mode=args.expert_mode, offload=args.offload, fssdp_plan=args.fssdp_plan,
-                     dispatch_dedup=args.dispatch_dedup, overlap_grad_reduce=args.overlap_grad_reduce,
-                     overlap_param_gather=args.overlap_param_gather, tp_comm_overlap=args.tp_comm_overlap,
-                     fp8_recipe=args.fp8_recipe, host_overhead=args.host_overhead)
+    return spec_from_options({**vars(args), "virtual_stages": v, "global_batch_size": gbs}, dp, _routing(args))
 
 
 def _routing(args) -> str:

@@ -46,8 +46,27 @@ class KVBlocks:
         self.used_blocks -= blocks
 
 
+class _KVChannel:
+    """What the KV tiers beside the KV's own share: moving tokens of KV over their channel (``bytes_per_token``,
+    ``bandwidth_bytes_per_s``, ``latency_s`` of the dataclass)."""
+
+    def transfer_s(self, tokens: float) -> float:
+        """Seconds to move ``tokens`` tokens of KV over the channel, alone on it (0 for none): the tier model's
+        closed form ``bytes / bandwidth + latency`` (:func:`moesim.memory.tiers.transfer_time_s`)."""
+        from moesim.memory.tiers import transfer_time_s
+
+        if tokens <= 0:
+            return 0.0
+        return transfer_time_s(tokens * self.bytes_per_token, self.bandwidth_bytes_per_s, self.latency_s)
+
+
+def _blocks_in(capacity_bytes: float, bytes_per_token: float, block_size: int) -> int:
+    """Whole KV blocks of ``block_size`` tokens in ``capacity_bytes`` (0 when a token takes no bytes)."""
+    return int(capacity_bytes // bytes_per_token) // block_size if bytes_per_token > 0 else 0
+
+
 @dataclass(frozen=True)
-class SpillTier:
+class SpillTier(_KVChannel):
     """The memory tier live KV spills to when HBM is full (``--kv-offload spill``), for one data-parallel rank.
 
     ``name``: the tier (the one listed after the KV's tier in the device's memory, fastest first; ``host`` memory
@@ -69,14 +88,6 @@ class SpillTier:
         if not self.bandwidth_bytes_per_s > 0 or self.bytes_per_token < 0 or self.latency_s < 0:
             raise ValueError(f"--kv-offload spill: bad {self.kv_tier}->{self.name} channel or KV size")
 
-    def transfer_s(self, tokens: float) -> float:
-        """Seconds to move ``tokens`` tokens of KV over the channel, alone on it (0 for none): the tier model's
-        closed form ``bytes / bandwidth + latency`` (:func:`moesim.memory.tiers.transfer_time_s`)."""
-        from moesim.memory.tiers import transfer_time_s
-
-        if tokens <= 0:
-            return 0.0
-        return transfer_time_s(tokens * self.bytes_per_token, self.bandwidth_bytes_per_s, self.latency_s)
 
 
 def spill_tier(system, bytes_per_token: float, block_size: int, limit_bytes: float | None = None) -> SpillTier:
@@ -93,12 +104,12 @@ def spill_tier(system, bytes_per_token: float, block_size: int, limit_bytes: flo
     if limit_bytes is not None:
         capacity = min(capacity, limit_bytes)
     ch = h.channel(kv_tier, tier)
-    blocks = int(capacity // bytes_per_token) // block_size if bytes_per_token > 0 else 0
+    blocks = _blocks_in(capacity, bytes_per_token, block_size)
     return SpillTier(tier, blocks, bytes_per_token, ch.bandwidth_bytes_per_s, ch.latency_s, kv_tier)
 
 
 @dataclass(frozen=True)
-class SramTier:
+class SramTier(_KVChannel):
     """On-chip SRAM reserved for KV above the KV's tier (``--kv-sram-gib``), per device.
 
     ``name``: the tier (the fastest one, listed above the KV's tier: :meth:`MemoryHierarchy.stream_tier`);
@@ -121,21 +132,14 @@ class SramTier:
                 or self.latency_s < 0:
             raise ValueError(f"--kv-sram-gib: bad {self.name}->{self.kv_tier} channel or KV size")
 
-    def transfer_s(self, tokens: float) -> float:
-        """Seconds to move ``tokens`` tokens of KV down to the KV tier (0 for none), as :meth:`SpillTier.transfer_s`."""
-        from moesim.memory.tiers import transfer_time_s
 
-        if tokens <= 0:
-            return 0.0
-        return transfer_time_s(tokens * self.bytes_per_token, self.bandwidth_bytes_per_s, self.latency_s)
-
-
-def tier_above_kv(system):
+def tier_above_kv(system, hierarchy=None):
     """The memory tier above the one holding weights and KV (``system.device.main_memory``) in the tier model's
-    order, the fastest (:meth:`MemoryHierarchy.stream_tier`: SRAM on an SN40L), or None (a GPU's HBM is its first)."""
+    order, the fastest (:meth:`MemoryHierarchy.stream_tier`: SRAM on an SN40L), or None (a GPU's HBM is its first);
+    ``hierarchy``: the system's tier model when the caller has built it."""
     from moesim.memory.tiers import MemoryHierarchy
 
-    h = MemoryHierarchy.from_system(system)
+    h = hierarchy if hierarchy is not None else MemoryHierarchy.from_system(system)
     name = h.stream_tier(system.device.main_memory.name)
     return None if name is None else h.tier(name)
 
@@ -148,17 +152,18 @@ def sram_tier(system, bytes_per_token: float, block_size: int, reserve_bytes: fl
     from moesim.memory.tiers import MemoryHierarchy
 
     kv_tier = system.device.main_memory.name
-    tier = tier_above_kv(system)
+    h = MemoryHierarchy.from_system(system)
+    tier = tier_above_kv(system, h)
     if tier is None:
         raise ValueError(f"--kv-sram-gib: {system.name} has no memory tier above {kv_tier}")
     name = tier.name
     if reserve_bytes > tier.capacity_bytes:
         raise ValueError(f"--kv-sram-gib {reserve_bytes / GiB:g} exceeds the {tier.capacity_bytes / GiB:g} GiB of "
                          f"{name} per device of {system.name}")
-    blocks = int(reserve_bytes // bytes_per_token) // block_size if bytes_per_token > 0 else 0
+    blocks = _blocks_in(reserve_bytes, bytes_per_token, block_size)
     if blocks < 1:
         raise ValueError(f"--kv-sram-gib {reserve_bytes / GiB:g} holds no KV block of {block_size} tokens")
-    ch = MemoryHierarchy.from_system(system).channel(name, kv_tier)
+    ch = h.channel(name, kv_tier)
     return SramTier(name, blocks, bytes_per_token, tier.bandwidth_bytes_per_s, ch.bandwidth_bytes_per_s,
                     ch.latency_s, kv_tier)
 

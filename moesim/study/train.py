@@ -38,22 +38,13 @@ def _trace(routing: str):
 
 
 def _spec(config: dict, num_devices: int):
-    from moesim.train.spec import Parallel, TrainError, TrainSpec
+    from moesim.train.spec import TrainError, spec_from_options
 
     model_parallel = config["tp"] * config["cp"] * config["pp"]
     if num_devices % model_parallel:
         raise TrainError(f"tp x cp x pp = {model_parallel} does not divide the {num_devices} devices")
-    par = Parallel(tp=config["tp"], pp=config["pp"], dp=num_devices // model_parallel, ep=config["ep"],
-                   zero=config["zero"], virtual_stages=config["virtual_stages"], cp=config["cp"], etp=config["etp"])
-    return TrainSpec(parallel=par, seq_len=config["seq_len"], micro_batch_size=config["micro_batch_size"],
-                     global_batch_size=config["global_batch_size"], schedule=config["schedule"],
-                     recompute=config["recompute"], dtype=config["dtype"],
-                     routing="balanced" if config["routing"] == "balanced" else "trace",
-                     routing_samples=config["routing_samples"], expert_mode=config["expert_mode"],
-                     fssdp_plan=config["fssdp_plan"], offload=config["offload"],
-                     dispatch_dedup=config["dispatch_dedup"], overlap_grad_reduce=config["overlap_grad_reduce"],
-                     overlap_param_gather=config["overlap_param_gather"], tp_comm_overlap=config["tp_comm_overlap"],
-                     fp8_recipe=config["fp8_recipe"], host_overhead=config["host_overhead"])
+    return spec_from_options(config, num_devices // model_parallel,
+                             "balanced" if config["routing"] == "balanced" else "trace")
 
 
 def evaluate_train(config: dict) -> dict:

@@ -210,3 +210,19 @@ class TrainSpec:
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.seq_len
+
+
+#: option names a caller (the ``moesim train`` flags, a study configuration) passes through to :class:`Parallel`
+PARALLEL_OPTIONS = ("tp", "pp", "ep", "zero", "virtual_stages", "first_stage_layers", "last_stage_layers", "cp",
+                    "etp")
+#: ... and to :class:`TrainSpec` (besides ``parallel`` and ``routing``)
+SPEC_OPTIONS = ("seq_len", "micro_batch_size", "global_batch_size", "schedule", "recompute", "dtype",
+                "routing_samples", "expert_mode", "offload", "fssdp_plan", "dispatch_dedup", "overlap_grad_reduce",
+                "overlap_param_gather", "tp_comm_overlap", "fp8_recipe", "host_overhead")
+
+
+def spec_from_options(options, dp: int, routing: str) -> TrainSpec:
+    """The :class:`TrainSpec` of named options (a mapping; names it lacks keep their defaults) with ``dp`` data-parallel
+    ranks and ``routing``: the one place the CLI and the study engine map their options onto the spec."""
+    par = Parallel(dp=dp, **{k: options[k] for k in PARALLEL_OPTIONS if k in options})
+    return TrainSpec(parallel=par, routing=routing, **{k: options[k] for k in SPEC_OPTIONS if k in options})
